@@ -1,0 +1,140 @@
+"""The GeoLoRA adapter around one ``nn.Linear``: ``y = base(x) + alpha * x V S^T U^T``.
+
+U (out x R) and V (in x R) hold orthonormal columns and S (R x R) the coefficients, in fixed-size
+buffers of the layer's maximum rank R; only the leading ``rank`` columns are in use, so rank changes
+never reallocate and optimizer state keeps its shape.
+
+The backward pass stores in ``U.grad`` and ``V.grad`` the K- and L-gradients the integrator needs,
+``dL/dK = grad_W V`` and ``dL/dL = grad_W^T U`` (with ``K = U S``, ``L = V S^T``), not ``dL/dU`` and
+``dL/dV``. They cost the same matmuls as the usual factor gradients and are exact from ``S = 0`` on.
+Keeping them in ``.grad`` lets gradient clipping, ``GradScaler`` and data-parallel all-reduce treat
+them like any other gradient. ``S.grad`` is the ordinary ``dL/dS = U^T grad_W V``.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .config import GeoLoRAConfig
+from .linalg import random_orthonormal
+
+
+class _LowRankProduct(torch.autograd.Function):
+    """``x V S^T U^T`` whose backward returns (dL/dx, dL/dK, dL/dS, dL/dL)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, u: torch.Tensor, s: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        xv = x @ v
+        ctx.save_for_backward(x, u, s, v, xv)
+        return (xv @ s.T) @ u.T
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        x, u, s, v, xv = ctx.saved_tensors
+        dtype = xv.dtype  # the compute dtype of the forward (bf16/fp16 under autocast)
+        g = grad_out.reshape(-1, grad_out.shape[-1]).to(dtype)
+        x2 = x.reshape(-1, x.shape[-1]).to(dtype)
+        xv2 = xv.reshape(-1, xv.shape[-1])
+        uc, sc, vc = u.to(dtype), s.to(dtype), v.to(dtype)
+        gu = g @ uc
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            grad_x = ((gu @ sc) @ vc.T).reshape(x.shape).to(x.dtype)
+        grad_k = (g.T @ xv2).to(u.dtype)
+        grad_l = (x2.T @ gu).to(v.dtype)
+        grad_s = u.T @ grad_k
+        return grad_x, grad_k, grad_s, grad_l
+
+
+class GeoLoRALinear(nn.Module):
+    """A frozen ``nn.Linear`` plus a rank-adaptive adapter ``alpha * U S V^T``.
+
+    S starts at zero, so at injection the layer computes exactly what the base layer computes.
+    """
+
+    def __init__(self, base: nn.Linear, config: GeoLoRAConfig) -> None:
+        super().__init__()
+        if not isinstance(base, nn.Linear):
+            raise ValueError(f"GeoLoRA adapts nn.Linear layers only, got {type(base).__name__}")
+        self.base = base
+        out_features, in_features = base.out_features, base.in_features
+        self.max_rank = min(config.max_rank, out_features, in_features)
+        self.min_rank = min(config.min_rank, self.max_rank)
+        self.tau = config.tau
+        self.alpha = config.alpha
+        self.rank = min(config.init_rank, self.max_rank)
+        self.merged = False
+        self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
+        device = base.weight.device
+        # Factors stay in fp32 (fp64 for an fp64 base) whatever the base precision: the bases must
+        # stay orthonormal over many steps. Autocast still runs the matmuls in low precision.
+        dtype = torch.float64 if base.weight.dtype == torch.float64 else torch.float32
+        u = torch.zeros(out_features, self.max_rank, device=device, dtype=dtype)
+        v = torch.zeros(in_features, self.max_rank, device=device, dtype=dtype)
+        u[:, : self.rank] = random_orthonormal(out_features, self.rank, device=device, dtype=dtype)
+        v[:, : self.rank] = random_orthonormal(in_features, self.rank, device=device, dtype=dtype)
+        self.U = nn.Parameter(u)
+        self.S = nn.Parameter(torch.zeros(self.max_rank, self.max_rank, device=device, dtype=dtype))
+        self.V = nn.Parameter(v)
+
+    # Factors in use at the current rank.
+    @property
+    def u(self) -> torch.Tensor:
+        return self.U[:, : self.rank]
+
+    @property
+    def s(self) -> torch.Tensor:
+        return self.S[: self.rank, : self.rank]
+
+    @property
+    def v(self) -> torch.Tensor:
+        return self.V[:, : self.rank]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.base(x)
+        if self.merged or self.rank == 0:
+            return out
+        x = self.dropout(x)
+        if not torch.is_autocast_enabled(x.device.type):
+            x = x.to(self.U.dtype)
+        adapter = _LowRankProduct.apply(x, self.u, self.s, self.v)
+        return out + (self.alpha * adapter).to(out.dtype)
+
+    def delta_weight(self) -> torch.Tensor:
+        """The adapter as a dense (out x in) weight: ``alpha * U S V^T``."""
+        return self.alpha * (self.u @ self.s @ self.v.T)
+
+    def set_factors(self, u: torch.Tensor, s: torch.Tensor, v: torch.Tensor) -> None:
+        """Install new factors of rank ``s.shape[0]`` into the fixed-size buffers."""
+        rank = s.shape[0]
+        if not self.min_rank <= rank <= self.max_rank and rank != 0:
+            raise ValueError(f"rank {rank} outside [{self.min_rank}, {self.max_rank}]")
+        with torch.no_grad():
+            self.U[:, :rank].copy_(u)
+            self.V[:, :rank].copy_(v)
+            self.S.zero_()
+            self.S[:rank, :rank].copy_(s)
+        self.rank = rank
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        if not self.merged:
+            self.base.weight += self.delta_weight().to(self.base.weight.dtype)
+            self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        if self.merged:
+            self.base.weight -= self.delta_weight().to(self.base.weight.dtype)
+            self.merged = False
+
+    # The current rank and merge flag travel with the module's state_dict.
+    def get_extra_state(self) -> torch.Tensor:
+        return torch.tensor([self.rank, int(self.merged)])
+
+    def set_extra_state(self, state: torch.Tensor) -> None:
+        self.rank, merged = (int(x) for x in state.tolist())
+        self.merged = bool(merged)
+
+    def extra_repr(self) -> str:
+        return f"rank={self.rank}, max_rank={self.max_rank}, tau={self.tau}, alpha={self.alpha}"

@@ -1,0 +1,105 @@
+"""Pure linear algebra of the GeoLoRA step: augmentation, truncation and moment transport.
+
+Every function works on plain tensors so it can be tested alone against the paper's statements.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def random_orthonormal(rows: int, cols: int, *, dtype: torch.dtype = torch.float32,
+                       device: torch.device | str | None = None,
+                       generator: torch.Generator | None = None) -> torch.Tensor:
+    """A rows x cols matrix with orthonormal columns, Haar-distributed (QR of a Gaussian)."""
+    gauss = torch.randn(rows, cols, dtype=dtype, device=device, generator=generator)
+    q, r = torch.linalg.qr(gauss)
+    q = q * torch.sign(torch.diagonal(r)).masked_fill(torch.diagonal(r) == 0, 1.0)
+    return q
+
+
+def augment_basis(basis: torch.Tensor, directions: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Extend ``basis`` (n x r, orthonormal) by ``width`` directions of ``(I - B B^T) directions``.
+
+    Returns ``(augmented, r_factor)``: ``augmented`` (n x (r + width)) has orthonormal columns, its
+    first r span ``basis`` with ``basis = augmented[:, :r] @ r_factor`` (``r_factor`` is I up to the
+    rounding ``basis`` has accumulated, so every step re-orthonormalises the basis for free).
+
+    Both come from one Householder QR of ``[basis, directions]``: the trailing columns are orthonormal
+    and orthogonal to ``basis`` even when the projected directions are rank deficient or zero. When
+    fewer than r new columns are wanted, the top singular directions of the projected ``directions``
+    are kept.
+    """
+    r = basis.shape[1]
+    q, upper = torch.linalg.qr(torch.cat([basis, directions], dim=1) if width > 0 else basis)
+    signs = torch.sign(torch.diagonal(upper)[:r])
+    signs = torch.where(signs == 0, torch.ones_like(signs), signs)
+    kept, r_factor = q[:, :r] * signs, upper[:r, :r] * signs[:, None]
+    new = q[:, r:]
+    if 0 < width < new.shape[1]:
+        left, _, _ = torch.linalg.svd(new.T @ directions, full_matrices=False)
+        new = new @ left[:, :width]
+    return torch.cat([kept, new[:, :width]], dim=1), r_factor
+
+
+def augmented_coefficients(s_new: torch.Tensor, ubar_t_gk: torch.Tensor, gl_t_vbar: torch.Tensor,
+                           lr: float) -> torch.Tensor:
+    """The (r+a) x (r+a) coefficient matrix of the augmented basis ``[U Ubar], [V Vbar]``.
+
+    Blocks: ``[[S', -lr G_L^T Vbar], [-lr Ubar^T G_K, 0]]``: the K- and L-steps of the parallel
+    rank-adaptive integrator written in the augmented bases (``Ubar^T U = 0``, ``Vbar^T V = 0``).
+    """
+    a = ubar_t_gk.shape[0]
+    top = torch.cat([s_new, -lr * gl_t_vbar], dim=1)
+    bottom = torch.cat([-lr * ubar_t_gk, s_new.new_zeros(a, a)], dim=1)
+    return torch.cat([top, bottom], dim=0)
+
+
+def truncation_rank(sigma: torch.Tensor, tau: float, min_rank: int, max_rank: int) -> int:
+    """Smallest r with ``||sigma[r:]||_2 <= tau ||sigma||_2`` (sigma sorted descending), clamped.
+
+    The clamp is to ``[min_rank, min(max_rank, len(sigma))]``.
+    """
+    sigma = sigma.detach().double().cpu()
+    n = sigma.numel()
+    # tail[k] = ||sigma[k:]||, computed from the back so no cancellation happens.
+    tail = torch.flip(torch.cumsum(torch.flip(sigma ** 2, [0]), 0), [0]).sqrt()
+    tail = torch.cat([tail, tail.new_zeros(1)])
+    threshold = tau * tail[0]
+    rank = int(torch.nonzero(tail <= threshold)[0].item())
+    return max(min(rank, max_rank, n), min(min_rank, n))
+
+
+def budget_ranks(sigmas: list[torch.Tensor], budget: int, min_ranks: list[int], max_ranks: list[int]) -> list[int]:
+    """Per-layer ranks that keep the ``budget`` largest singular values over all layers.
+
+    Ties go to the earlier layer. Each layer's rank is then clamped to its ``[min_rank, max_rank]``, so the total can
+    exceed the budget only by what the minimum ranks force.
+    """
+    flat = torch.cat([s.detach().double().cpu() for s in sigmas])
+    layer_of = torch.cat([torch.full((s.numel(),), i) for i, s in enumerate(sigmas)])
+    kept = torch.argsort(flat, descending=True, stable=True)[:budget]
+    counts = torch.bincount(layer_of[kept], minlength=len(sigmas)).tolist()
+    return [max(min(c, hi, s.numel()), min(lo, s.numel()))
+            for c, lo, hi, s in zip(counts, min_ranks, max_ranks, sigmas)]
+
+
+def transport_first_moment(moment: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
+    """Rotate an r x r first moment into the new basis: ``left[:r]^T moment right[:r]``.
+
+    ``left`` / ``right`` ((r+a) x r1) are the kept singular vectors of the augmented coefficients.
+    The old moment has no component along the augmentation directions, so only their first r rows act.
+    This keeps ``U m V^T`` (the moment seen in weight space) wherever the new basis can represent it.
+    """
+    r = moment.shape[0]
+    return left[:r].T @ moment @ right[:r]
+
+
+def transport_second_moment(moment: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
+    """Carry an elementwise second moment to the new basis: ``(left[:r]**2)^T moment (right[:r]**2)``.
+
+    A rotated gradient ``g' = P^T g Q`` has ``E[g'_ij^2] = sum_kl P_ki^2 Q_lj^2 E[g_kl^2]`` when the
+    old entries are uncorrelated; this is that diagonal approximation. It preserves the total and
+    stays non-negative.
+    """
+    r = moment.shape[0]
+    return (left[:r] ** 2).T @ moment @ (right[:r] ** 2)
