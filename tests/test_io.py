@@ -1,0 +1,128 @@
+"""Save / load, merge / unmerge, peft export, and mixed precision."""
+import copy
+
+import pytest
+import torch
+
+import geolora
+
+from conftest import deberta_config, tiny_deberta, train_steps
+
+
+def _trained(batch, steps=4, **config):
+    base = tiny_deberta()
+    pristine = copy.deepcopy(base)
+    model = geolora.inject(base, deberta_config(**config))
+    opt = geolora.GeoLoRAOptimizer(model, lr=5e-2)
+    train_steps(model, opt, batch, steps)
+    return model, opt, pristine
+
+
+def test_save_load_restores_ranks_and_outputs(batch, tmp_path):
+    model, _, pristine = _trained(batch)
+    ranks = geolora.ranks(model)
+    assert set(ranks.values()) != {4}  # ranks moved away from init_rank
+    geolora.save_adapter(model, tmp_path / "adapter")
+    fresh = geolora.inject(copy.deepcopy(pristine), deberta_config())
+    geolora.load_adapter(fresh, tmp_path / "adapter")
+    assert geolora.ranks(fresh) == ranks
+    with torch.no_grad():
+        assert torch.equal(fresh(**batch).logits, model(**batch).logits)
+    auto = geolora.load_adapter(copy.deepcopy(pristine), tmp_path / "adapter")  # injects from saved config
+    with torch.no_grad():
+        assert torch.equal(auto(**batch).logits, model(**batch).logits)
+
+
+def test_load_adapter_rejects_a_wrong_folder(tmp_path):
+    with pytest.raises(ValueError, match="not a GeoLoRA adapter folder"):
+        geolora.load_adapter(tiny_deberta(), tmp_path)
+
+
+def test_model_state_dict_carries_ranks(batch):
+    model, _, pristine = _trained(batch)
+    fresh = geolora.inject(copy.deepcopy(pristine), deberta_config())
+    fresh.load_state_dict(model.state_dict())
+    assert geolora.ranks(fresh) == geolora.ranks(model)
+
+
+def test_optimizer_state_round_trips(batch, tmp_path):
+    model, opt, _ = _trained(batch, coefficient_steps=2)
+    twin = copy.deepcopy(model)
+    twin_opt = geolora.GeoLoRAOptimizer(twin, lr=5e-2)
+    torch.save(opt.state_dict(), tmp_path / "opt.pt")
+    twin_opt.load_state_dict(torch.load(tmp_path / "opt.pt", weights_only=False))
+    train_steps(model, opt, batch, 3)
+    train_steps(twin, twin_opt, batch, 3)
+    for p, q in zip(model.parameters(), twin.parameters()):
+        assert torch.equal(p, q)
+    assert geolora.ranks(model) == geolora.ranks(twin)
+
+
+def test_merge_then_unmerge_restores_base_weights(batch):
+    model, _, _ = _trained(batch)
+    weights = {n: p.detach().clone() for n, p in model.named_parameters() if n.endswith("base.weight")}
+    with torch.no_grad():
+        before = model(**batch).logits
+        geolora.merge(model)
+        assert torch.allclose(model(**batch).logits, before, atol=1e-5)
+        assert any(not torch.equal(p, weights[n]) for n, p in model.named_parameters() if n in weights)
+        geolora.unmerge(model)
+    for n, p in model.named_parameters():
+        if n in weights:
+            assert torch.allclose(p, weights[n], atol=1e-6)
+
+
+def test_export_peft_loads_in_peft_with_same_logits(batch, tmp_path):
+    from peft import PeftModel
+
+    model, _, pristine = _trained(batch)
+    geolora.export_peft(model, tmp_path / "peft")
+    peft_model = PeftModel.from_pretrained(pristine, tmp_path / "peft").eval()
+    with torch.no_grad():
+        ours, theirs = model(**batch).logits, peft_model(**batch).logits
+    assert (ours - theirs).abs().max() <= 1e-5
+
+
+def test_bf16_autocast_on_cpu_trains(batch):
+    model = geolora.inject(tiny_deberta(), deberta_config())
+    opt = geolora.GeoLoRAOptimizer(model, lr=1e-2)
+    model.train()
+    for _ in range(3):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(**batch).loss
+        assert torch.isfinite(loss)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    for _, layer in geolora.adapters(model):
+        assert layer.U.dtype == torch.float32
+        assert torch.allclose(layer.u.T @ layer.u, torch.eye(layer.rank), atol=1e-5)
+
+
+def test_grad_scaler_unscales_and_skips_steps_with_inf(batch):
+    model = geolora.inject(tiny_deberta(), deberta_config())
+    model.train()
+    plain = copy.deepcopy(model)
+    plain(**batch).loss.backward()
+    opt = geolora.GeoLoRAOptimizer(model, lr=1e-2)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10)
+    scaler.scale(model(**batch).loss).backward()
+    scaler.unscale_(opt)
+    for p, q in zip(model.parameters(), plain.parameters()):  # K/L gradients are unscaled too
+        if p.grad is not None:
+            assert torch.allclose(p.grad, q.grad, rtol=1e-4, atol=1e-7)
+    scaler.step(opt)
+    scaler.update()
+    opt.zero_grad()
+
+    state = {n: p.detach().clone() for n, p in model.named_parameters()}
+    ranks = geolora.ranks(model)
+    scaler.scale(model(**batch).loss).backward()
+    next(p for p in model.parameters() if p.grad is not None).grad[0].fill_(float("inf"))
+    scale = scaler.get_scale()
+    scaler.step(opt)  # must be skipped
+    scaler.update()
+    assert scaler.get_scale() < scale
+    assert geolora.ranks(model) == ranks
+    for n, p in model.named_parameters():
+        assert torch.equal(p, state[n])
