@@ -70,17 +70,19 @@ def truncation_rank(sigma: torch.Tensor, tau: float, min_rank: int, max_rank: in
 
 
 def budget_ranks(sigmas: list[torch.Tensor], budget: int, min_ranks: list[int], max_ranks: list[int]) -> list[int]:
-    """Per-layer ranks that keep the ``budget`` largest singular values over all layers.
+    """Per-layer ranks for a global budget of singular values (each list sorted descending).
 
-    Ties go to the earlier layer. Each layer's rank is then clamped to its ``[min_rank, max_rank]``, so the total can
-    exceed the budget only by what the minimum ranks force.
+    Every layer keeps its ``min_rank``; the rest of the budget goes to the largest remaining singular
+    values over all layers (ties to the earlier layer), each layer capped at its ``max_rank``. The total
+    is exactly ``budget`` unless the minimum ranks alone exceed it or the caps cannot hold it.
     """
-    flat = torch.cat([s.detach().double().cpu() for s in sigmas])
-    layer_of = torch.cat([torch.full((s.numel(),), i) for i, s in enumerate(sigmas)])
-    kept = torch.argsort(flat, descending=True, stable=True)[:budget]
-    counts = torch.bincount(layer_of[kept], minlength=len(sigmas)).tolist()
-    return [max(min(c, hi, s.numel()), min(lo, s.numel()))
-            for c, lo, hi, s in zip(counts, min_ranks, max_ranks, sigmas)]
+    floors = [min(lo, s.numel()) for lo, s in zip(min_ranks, sigmas)]
+    caps = [max(min(hi, s.numel()), f) for hi, s, f in zip(max_ranks, sigmas, floors)]
+    values = torch.cat([s.detach().double().cpu()[f:c] for s, f, c in zip(sigmas, floors, caps)])
+    layer_of = torch.cat([torch.full((c - f,), i) for i, (f, c) in enumerate(zip(floors, caps))])
+    kept = torch.argsort(values, descending=True, stable=True)[:max(budget - sum(floors), 0)]
+    extra = torch.bincount(layer_of[kept], minlength=len(sigmas)).tolist()
+    return [f + e for f, e in zip(floors, extra)]
 
 
 def transport_first_moment(moment: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:

@@ -12,6 +12,11 @@ Per adapter (rank r, maximum rank R), from ``S.grad`` and the exact K-/L-gradien
 With ``coefficient_steps = c``, steps 2-4 run every ``c + 1`` steps and only S moves in between.
 Rank decisions need the singular values on the host: one device sync per adapting step.
 
+With AdamW, the augmented blocks use Adam's per-layer normalisation of the S-gradients as their step
+size (``precondition_augmentation``): plain ``lr`` times a raw gradient is orders of magnitude below
+an Adam step, so new directions would always be truncated and ranks could only shrink. With SGD the
+step is exactly the integrator above.
+
 Adam moments of S follow the basis: the first moment is rotated into the new basis (so ``U m V^T`` is
 kept wherever the new basis can hold it), the second moment is carried by the squared rotations (a
 diagonal approximation that preserves its total). ``moment_transport="reset"`` restarts them instead.
@@ -43,7 +48,8 @@ class GeoLoRAOptimizer(torch.optim.Optimizer):
 
     def __init__(self, model: nn.Module, lr: float = 1e-3, weight_decay: float = 0.0,
                  base_optimizer: str = "adamw", betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
-                 momentum: float = 0.0, moment_transport: str = "rotate") -> None:
+                 momentum: float = 0.0, moment_transport: str = "rotate",
+                 precondition_augmentation: bool = True) -> None:
         if base_optimizer not in BASE_OPTIMIZERS:
             raise ValueError(f"base_optimizer must be one of {BASE_OPTIMIZERS}, got {base_optimizer!r}")
         if moment_transport not in MOMENT_TRANSPORTS:
@@ -62,6 +68,7 @@ class GeoLoRAOptimizer(torch.optim.Optimizer):
         super().__init__(groups, defaults)
         self.base_optimizer = base_optimizer
         self.moment_transport = moment_transport
+        self.precondition_augmentation = precondition_augmentation
         self.coefficient_steps = config.coefficient_steps
         self.rank_budget = config.rank_budget
 
@@ -119,12 +126,23 @@ class GeoLoRAOptimizer(torch.optim.Optimizer):
                 continue
             self._base_step(layer.S, layer.S.grad, self.state[layer.S], group, rank=layer.rank)
             if adapt:
-                proposals.append((layer, *self._augmented_svd(layer, group["lr"])))
+                step_size = group["lr"] * self._augmentation_gain(layer, group)
+                proposals.append((layer, *self._augmented_svd(layer, step_size)))
         if proposals:
             self._truncate(proposals)
 
+    def _augmentation_gain(self, layer: GeoLoRALinear, group: dict) -> torch.Tensor | float:
+        """Scale of the new directions relative to ``lr``: 1 for SGD; for AdamW, Adam's normalisation
+        ``1 / (sqrt(mean v_hat) + eps)`` of this layer's S-gradients, so augmented directions enter
+        on the same scale as the Adam step on S (a per-layer scalar: basis-independent)."""
+        if self.base_optimizer != "adamw" or not self.precondition_augmentation:
+            return 1.0
+        state, rank = self.state[layer.S], layer.rank
+        second = state["exp_avg_sq"][:rank, :rank].mean() / (1 - group["betas"][1] ** state["step"])
+        return 1.0 / (second.sqrt() + group["eps"])
+
     @staticmethod
-    def _augmented_svd(layer: GeoLoRALinear, lr: float):
+    def _augmented_svd(layer: GeoLoRALinear, lr: torch.Tensor | float):
         """Augmented bases and the SVD (P, sigma, Q) of the augmented coefficient matrix."""
         rank = layer.rank
         width = min(rank, layer.max_rank - rank)

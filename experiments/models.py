@@ -1,0 +1,77 @@
+"""Models of the experiments: pretrained from the hub or a local folder, or built from a config."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .errors import UserError
+
+log = logging.getLogger(__name__)
+
+IMAGENET_MEAN, IMAGENET_STD = [0.5, 0.5, 0.5], [0.5, 0.5, 0.5]
+
+
+def _is_local(name_or_path: str) -> bool:
+    return Path(name_or_path).expanduser().exists()
+
+
+def _from_pretrained(loader, name_or_path: str, **kwargs):
+    """``loader.from_pretrained`` with a one-line error when a hub name cannot be fetched."""
+    local = _is_local(name_or_path)
+    if not local and os.environ.get("HF_HUB_OFFLINE") == "1":
+        raise UserError(_hub_message(name_or_path))
+    try:
+        return loader.from_pretrained(str(Path(name_or_path).expanduser()) if local else name_or_path, **kwargs)
+    except OSError as err:
+        if local:
+            raise UserError(f"model.name_or_path={name_or_path} is not a loadable model folder: {err}") from err
+        raise UserError(_hub_message(name_or_path)) from err
+
+
+def _hub_message(name: str) -> str:
+    return (f"could not fetch model {name!r}: the Hugging Face hub is unreachable (or HF_HUB_OFFLINE=1); "
+            f"copy it to this machine and set model.name_or_path=/path/to/local/copy")
+
+
+def load_model(model_cfg, task_cfg) -> nn.Module:
+    """A sequence or image classifier with ``task.num_labels`` outputs (1 = regression)."""
+    from transformers import (AutoConfig, AutoModelForImageClassification,
+                              AutoModelForSequenceClassification, CONFIG_MAPPING)
+
+    image = model_cfg.modality.value == "image"
+    auto = AutoModelForImageClassification if image else AutoModelForSequenceClassification
+    problem = "regression" if task_cfg.num_labels == 1 else "single_label_classification"
+    if not model_cfg.pretrained:
+        config = CONFIG_MAPPING[model_cfg.model_type](**dict(model_cfg.architecture), num_labels=task_cfg.num_labels,
+                                                       problem_type=problem)
+        log.warning("model %s is built from a config with RANDOM weights (not pretrained)", model_cfg.name)
+        return auto.from_config(config)
+    config = _from_pretrained(AutoConfig, model_cfg.name_or_path, num_labels=task_cfg.num_labels,
+                              problem_type=problem)
+    return _from_pretrained(auto, model_cfg.name_or_path, config=config, ignore_mismatched_sizes=True)
+
+
+def load_tokenizer(model_cfg):
+    from transformers import AutoTokenizer
+
+    return _from_pretrained(AutoTokenizer, model_cfg.name_or_path)
+
+
+def image_statistics(model_cfg) -> tuple[list[float], list[float]]:
+    """Normalisation mean/std of the model's image processor (0.5/0.5, ViT's, when it has none)."""
+    path = Path(model_cfg.name_or_path).expanduser() / "preprocessor_config.json"
+    if model_cfg.pretrained and path.is_file():
+        stats = json.loads(path.read_text())
+        return stats.get("image_mean", IMAGENET_MEAN), stats.get("image_std", IMAGENET_STD)
+    return IMAGENET_MEAN, IMAGENET_STD
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
