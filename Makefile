@@ -5,7 +5,7 @@ export WANDB_MODE ?= offline
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install test test-all demo bench reproduce-tables clean
+.PHONY: install test test-all demo bench clean
 
 install:
 	python3 -m venv $(VENV)
@@ -23,6 +23,12 @@ test-all:
 
 demo:
 	$(PY) run.py
+
+# Step time / memory of GeoLoRA against peft LoRA and AdaLoRA (prints ratios; writes results/bench/).
+# GPU: $(PY) scripts/bench_step.py --device cuda --batch 32 --seq 256
+bench:
+	$(PY) scripts/bench_step.py --geometry base
+	$(PY) scripts/bench_step.py --geometry small --batch 8 --seq 128
 
 clean:
 	rm -rf outputs multirun wandb .pytest_cache

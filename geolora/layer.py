@@ -20,30 +20,41 @@ from .linalg import random_orthonormal
 
 
 class _LowRankProduct(torch.autograd.Function):
-    """``x V S^T U^T`` whose backward returns (dL/dx, dL/dK, dL/dS, dL/dL)."""
+    """``alpha * x V S^T U^T`` at rank r; backward returns (dL/dx, dL/dK, dL/dS, dL/dL).
+
+    Takes the full fixed-size factors and slices inside, so the graph holds one node per adapter
+    (no slicing nodes) and the factor gradients come back at their full, fixed shapes.
+    """
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, u: torch.Tensor, s: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, U: torch.Tensor, S: torch.Tensor, V: torch.Tensor, rank: int,
+                alpha: float) -> torch.Tensor:
+        u, s, v = U[:, :rank], S[:rank, :rank], V[:, :rank]
         xv = x @ v
-        ctx.save_for_backward(x, u, s, v, xv)
-        return (xv @ s.T) @ u.T
+        ctx.save_for_backward(x, U, S, V, xv)
+        ctx.rank, ctx.alpha = rank, alpha
+        return ((xv @ (alpha * s).T) @ u.T)
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
-        x, u, s, v, xv = ctx.saved_tensors
+        x, U, S, V, xv = ctx.saved_tensors
+        rank, alpha = ctx.rank, ctx.alpha
         dtype = xv.dtype  # the compute dtype of the forward (bf16/fp16 under autocast)
         g = grad_out.reshape(-1, grad_out.shape[-1]).to(dtype)
+        if alpha != 1.0:
+            g = g * alpha
         x2 = x.reshape(-1, x.shape[-1]).to(dtype)
         xv2 = xv.reshape(-1, xv.shape[-1])
-        uc, sc, vc = u.to(dtype), s.to(dtype), v.to(dtype)
-        gu = g @ uc
+        u, s, v = U[:, :rank].to(dtype), S[:rank, :rank].to(dtype), V[:, :rank].to(dtype)
+        gu = g @ u
         grad_x = None
         if ctx.needs_input_grad[0]:
-            grad_x = ((gu @ sc) @ vc.T).reshape(x.shape).to(x.dtype)
-        grad_k = (g.T @ xv2).to(u.dtype)
-        grad_l = (x2.T @ gu).to(v.dtype)
-        grad_s = u.T @ grad_k
-        return grad_x, grad_k, grad_s, grad_l
+            grad_x = ((gu @ s) @ v.T).reshape(x.shape).to(x.dtype)
+        grad_u, grad_s, grad_v = torch.zeros_like(U), torch.zeros_like(S), torch.zeros_like(V)
+        grad_u[:, :rank] = g.T @ xv2
+        grad_v[:, :rank] = x2.T @ gu
+        grad_s[:rank, :rank] = U[:, :rank].T @ grad_u[:, :rank]
+        return grad_x, grad_u, grad_s, grad_v, None, None
 
 
 class GeoLoRALinear(nn.Module):
@@ -97,8 +108,7 @@ class GeoLoRALinear(nn.Module):
         x = self.dropout(x)
         if not torch.is_autocast_enabled(x.device.type):
             x = x.to(self.U.dtype)
-        adapter = _LowRankProduct.apply(x, self.u, self.s, self.v)
-        return out + (self.alpha * adapter).to(out.dtype)
+        return out + _LowRankProduct.apply(x, self.U, self.S, self.V, self.rank, self.alpha).to(out.dtype)
 
     def delta_weight(self) -> torch.Tensor:
         """The adapter as a dense (out x in) weight: ``alpha * U S V^T``."""

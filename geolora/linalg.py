@@ -27,31 +27,32 @@ def augment_basis(basis: torch.Tensor, directions: torch.Tensor, width: int) -> 
     Both come from one Householder QR of ``[basis, directions]``: the trailing columns are orthonormal
     and orthogonal to ``basis`` even when the projected directions are rank deficient or zero. When
     fewer than r new columns are wanted, the top singular directions of the projected ``directions``
-    are kept.
+    are kept. Leading batch dimensions are allowed (one QR for a stack of same-shaped layers).
     """
-    r = basis.shape[1]
-    q, upper = torch.linalg.qr(torch.cat([basis, directions], dim=1) if width > 0 else basis)
-    signs = torch.sign(torch.diagonal(upper)[:r])
-    signs = torch.where(signs == 0, torch.ones_like(signs), signs)
-    kept, r_factor = q[:, :r] * signs, upper[:r, :r] * signs[:, None]
-    new = q[:, r:]
-    if 0 < width < new.shape[1]:
-        left, _, _ = torch.linalg.svd(new.T @ directions, full_matrices=False)
-        new = new @ left[:, :width]
-    return torch.cat([kept, new[:, :width]], dim=1), r_factor
+    r = basis.shape[-1]
+    q, upper = torch.linalg.qr(torch.cat([basis, directions], dim=-1) if width > 0 else basis)
+    diagonal = torch.diagonal(upper, dim1=-2, dim2=-1)[..., :r]
+    signs = torch.where(diagonal < 0, -1.0, 1.0).to(basis.dtype)
+    kept, r_factor = q[..., :r] * signs.unsqueeze(-2), upper[..., :r, :r] * signs.unsqueeze(-1)
+    new = q[..., r:]
+    if 0 < width < new.shape[-1]:
+        left = torch.linalg.svd(new.mT @ directions, full_matrices=False)[0]
+        new = new @ left[..., :width]
+    return torch.cat([kept, new[..., :width]], dim=-1), r_factor
 
 
 def augmented_coefficients(s_new: torch.Tensor, ubar_t_gk: torch.Tensor, gl_t_vbar: torch.Tensor,
-                           lr: float) -> torch.Tensor:
+                           lr: float | torch.Tensor) -> torch.Tensor:
     """The (r+a) x (r+a) coefficient matrix of the augmented basis ``[U Ubar], [V Vbar]``.
 
     Blocks: ``[[S', -lr G_L^T Vbar], [-lr Ubar^T G_K, 0]]``: the K- and L-steps of the parallel
     rank-adaptive integrator written in the augmented bases (``Ubar^T U = 0``, ``Vbar^T V = 0``).
+    Leading batch dimensions are allowed; ``lr`` may then hold one step size per matrix (shape B x 1 x 1).
     """
-    a = ubar_t_gk.shape[0]
-    top = torch.cat([s_new, -lr * gl_t_vbar], dim=1)
-    bottom = torch.cat([-lr * ubar_t_gk, s_new.new_zeros(a, a)], dim=1)
-    return torch.cat([top, bottom], dim=0)
+    a = ubar_t_gk.shape[-2]
+    top = torch.cat([s_new, -lr * gl_t_vbar], dim=-1)
+    bottom = torch.cat([-lr * ubar_t_gk, s_new.new_zeros(*s_new.shape[:-2], a, a)], dim=-1)
+    return torch.cat([top, bottom], dim=-2)
 
 
 def truncation_rank(sigma: torch.Tensor, tau: float, min_rank: int, max_rank: int) -> int:
@@ -92,8 +93,8 @@ def transport_first_moment(moment: torch.Tensor, left: torch.Tensor, right: torc
     The old moment has no component along the augmentation directions, so only their first r rows act.
     This keeps ``U m V^T`` (the moment seen in weight space) wherever the new basis can represent it.
     """
-    r = moment.shape[0]
-    return left[:r].T @ moment @ right[:r]
+    r = moment.shape[-1]
+    return left[..., :r, :].mT @ moment @ right[..., :r, :]
 
 
 def transport_second_moment(moment: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
@@ -103,5 +104,5 @@ def transport_second_moment(moment: torch.Tensor, left: torch.Tensor, right: tor
     old entries are uncorrelated; this is that diagonal approximation. It preserves the total and
     stays non-negative.
     """
-    r = moment.shape[0]
-    return (left[:r] ** 2).T @ moment @ (right[:r] ** 2)
+    r = moment.shape[-1]
+    return (left[..., :r, :] ** 2).mT @ moment @ (right[..., :r, :] ** 2)

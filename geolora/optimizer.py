@@ -82,102 +82,128 @@ class GeoLoRAOptimizer(torch.optim.Optimizer):
             if group["role"] == "adapters":
                 self._adapter_step(group)
             else:
-                for param in group["params"]:
-                    if param.grad is not None:
-                        self._base_step(param, param.grad, self.state[param], group)
+                params = [p for p in group["params"] if p.grad is not None]
+                self._base_steps(params, [p.grad for p in params], [self.state[p] for p in params], group)
         return loss
 
-    def _base_step(self, param: torch.Tensor, grad: torch.Tensor, state: dict, group: dict,
-                   rank: int | None = None) -> None:
-        """One AdamW / SGD step on ``param`` (on its leading ``rank x rank`` block when rank is given)."""
-        if not state:
-            state["step"] = 0
-            state["exp_avg"] = torch.zeros_like(param)
-            if self.base_optimizer == "adamw":
-                state["exp_avg_sq"] = torch.zeros_like(param)
-        block = (slice(None, rank), slice(None, rank)) if rank is not None else (...,)
-        param, grad = param[block], grad[block]
-        exp_avg = state["exp_avg"][block]
+    def _base_steps(self, params: list[torch.Tensor], grads: list[torch.Tensor], states: list[dict], group: dict,
+                    ranks: list[int] | None = None) -> None:
+        """AdamW / SGD on a list of tensors at once (foreach kernels, no per-tensor Python loop).
+
+        With ``ranks``, each tensor is an R x R coefficient matrix and only its leading rank x rank
+        block (and the same block of its moments) is stepped.
+        """
+        if not params:
+            return
+        adam = self.base_optimizer == "adamw"
+        for param, state in zip(params, states):
+            if not state:
+                state["step"] = 0
+                state["exp_avg"] = torch.zeros_like(param)
+                if adam:
+                    state["exp_avg_sq"] = torch.zeros_like(param)
+            state["step"] += 1
+        blocks = [(slice(None, r), slice(None, r)) for r in ranks] if ranks else [(...,)] * len(params)
+        params = [p[b] for p, b in zip(params, blocks)]
+        grads = [g[b] for g, b in zip(grads, blocks)]
+        exp_avgs = [s["exp_avg"][b] for s, b in zip(states, blocks)]
         lr, wd = group["lr"], group["weight_decay"]
-        state["step"] += 1
-        if self.base_optimizer == "adamw":
+        if adam:
             beta1, beta2 = group["betas"]
-            exp_avg_sq = state["exp_avg_sq"][block]
-            param.mul_(1 - lr * wd)
-            exp_avg.lerp_(grad, 1 - beta1)
-            exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-            step = state["step"]
-            denom = (exp_avg_sq / (1 - beta2 ** step)).sqrt_().add_(group["eps"])
-            param.addcdiv_(exp_avg, denom, value=-lr / (1 - beta1 ** step))
+            exp_avg_sqs = [s["exp_avg_sq"][b] for s, b in zip(states, blocks)]
+            if wd:
+                torch._foreach_mul_(params, 1 - lr * wd)
+            torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
+            torch._foreach_mul_(exp_avg_sqs, beta2)
+            torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1 - beta2)
+            steps = [s["step"] for s in states]
+            denoms = torch._foreach_div(exp_avg_sqs, [1 - beta2 ** t for t in steps])
+            torch._foreach_sqrt_(denoms)
+            torch._foreach_add_(denoms, group["eps"])
+            torch._foreach_addcdiv_(params, exp_avgs, denoms, [-lr / (1 - beta1 ** t) for t in steps])
         else:
             if wd:
-                grad = grad + wd * param
+                grads = torch._foreach_add(grads, params, alpha=wd)
             if group["momentum"]:
-                exp_avg.mul_(group["momentum"]).add_(grad)
-                grad = exp_avg
-            param.add_(grad, alpha=-lr)
+                torch._foreach_mul_(exp_avgs, group["momentum"])
+                torch._foreach_add_(exp_avgs, grads)
+                grads = exp_avgs
+            torch._foreach_add_(params, grads, alpha=-lr)
 
     def _adapter_step(self, group: dict) -> None:
         adapt = group["step"] % (self.coefficient_steps + 1) == 0
         group["step"] += 1
-        proposals = []
-        for layer in self.layers:
-            if layer.S.grad is None or layer.merged:
-                continue
-            self._base_step(layer.S, layer.S.grad, self.state[layer.S], group, rank=layer.rank)
-            if adapt:
-                step_size = group["lr"] * self._augmentation_gain(layer, group)
-                proposals.append((layer, *self._augmented_svd(layer, step_size)))
-        if proposals:
-            self._truncate(proposals)
+        layers = [layer for layer in self.layers if layer.S.grad is not None and not layer.merged]
+        self._base_steps([l.S for l in layers], [l.S.grad for l in layers], [self.state[l.S] for l in layers],
+                         group, ranks=[l.rank for l in layers])
+        if not adapt or not layers:
+            return
+        # Layers of one shape and rank are augmented and decomposed together, as one batched call.
+        batches: dict[tuple, list[GeoLoRALinear]] = {}
+        for layer in layers:
+            key = (layer.U.shape, layer.V.shape, layer.rank, layer.U.dtype, layer.U.device)
+            batches.setdefault(key, []).append(layer)
+        self._truncate([self._augmented_svd(batch, group) for batch in batches.values()])
 
-    def _augmentation_gain(self, layer: GeoLoRALinear, group: dict) -> torch.Tensor | float:
+    def _augmentation_gains(self, layers: list[GeoLoRALinear], group: dict) -> torch.Tensor | float:
         """Scale of the new directions relative to ``lr``: 1 for SGD; for AdamW, Adam's normalisation
-        ``1 / (sqrt(mean v_hat) + eps)`` of this layer's S-gradients, so augmented directions enter
-        on the same scale as the Adam step on S (a per-layer scalar: basis-independent)."""
+        ``1 / (sqrt(mean v_hat) + eps)`` of each layer's S-gradients, so augmented directions enter on
+        the same scale as the Adam step on S (a per-layer scalar: basis-independent)."""
         if self.base_optimizer != "adamw" or not self.precondition_augmentation:
             return 1.0
-        state, rank = self.state[layer.S], layer.rank
-        second = state["exp_avg_sq"][:rank, :rank].mean() / (1 - group["betas"][1] ** state["step"])
-        return 1.0 / (second.sqrt() + group["eps"])
+        rank, beta2 = layers[0].rank, group["betas"][1]
+        states = [self.state[l.S] for l in layers]
+        second = torch.stack([s["exp_avg_sq"][:rank, :rank] for s in states]).mean(dim=(-2, -1))
+        bias = torch.tensor([1 - beta2 ** s["step"] for s in states], dtype=second.dtype, device=second.device)
+        return 1.0 / ((second / bias).sqrt() + group["eps"]).view(-1, 1, 1)
 
-    @staticmethod
-    def _augmented_svd(layer: GeoLoRALinear, lr: torch.Tensor | float):
-        """Augmented bases and the SVD (P, sigma, Q) of the augmented coefficient matrix."""
-        rank = layer.rank
-        width = min(rank, layer.max_rank - rank)
-        grad_k, grad_l = layer.U.grad[:, :rank], layer.V.grad[:, :rank]
-        u, u_factor = augment_basis(layer.u, grad_k, width)
-        v, v_factor = augment_basis(layer.v, grad_l, width)
-        s = u_factor @ layer.s @ v_factor.T  # S in the re-orthonormalised bases
+    def _augmented_svd(self, layers: list[GeoLoRALinear], group: dict) -> tuple:
+        """For a batch of same-shaped layers: augmented bases and the SVD (P, sigma, Q) of the
+        augmented coefficient matrices."""
+        rank = layers[0].rank
+        width = min(rank, layers[0].max_rank - rank)
+        grad_k = torch.stack([l.U.grad[:, :rank] for l in layers])
+        grad_l = torch.stack([l.V.grad[:, :rank] for l in layers])
+        u, u_factor = augment_basis(torch.stack([l.u for l in layers]), grad_k, width)
+        v, v_factor = augment_basis(torch.stack([l.v for l in layers]), grad_l, width)
+        s = u_factor @ torch.stack([l.s for l in layers]) @ v_factor.mT  # S in the re-orthonormalised bases
         if width > 0:
-            s = augmented_coefficients(s, u[:, rank:].T @ grad_k, grad_l.T @ v[:, rank:], lr)
+            step = group["lr"] * self._augmentation_gains(layers, group)
+            s = augmented_coefficients(s, u[..., rank:].mT @ grad_k, grad_l.mT @ v[..., rank:], step)
         left, sigma, right_t = torch.linalg.svd(s)
-        return u, v, left, sigma, right_t.T
+        return layers, u, v, left, sigma, right_t.mT
 
-    def _truncate(self, proposals: list) -> None:
-        sigmas = [p[4] for p in proposals]
-        host = torch.cat(sigmas).double().cpu().split([s.numel() for s in sigmas])  # the one sync
-        layers = [p[0] for p in proposals]
+    def _truncate(self, batches: list[tuple]) -> None:
+        sigmas = torch.cat([b[4].reshape(-1) for b in batches]).double().cpu()  # the one host sync
+        per_layer = iter(sigmas.split([s.shape[-1] for b in batches for s in b[4]]))
+        layers = [layer for b in batches for layer in b[0]]
+        host = [next(per_layer) for _ in layers]
         if self.rank_budget is not None:
-            new_ranks = budget_ranks(list(host), self.rank_budget, [l.min_rank for l in layers],
+            new_ranks = budget_ranks(host, self.rank_budget, [l.min_rank for l in layers],
                                      [l.max_rank for l in layers])
         else:
             new_ranks = [truncation_rank(s, l.tau, l.min_rank, l.max_rank) for s, l in zip(host, layers)]
-        for (layer, u, v, left, sigma, right), rank in zip(proposals, new_ranks):
-            left, right = left[:, :rank], right[:, :rank]
-            self._transport_moments(layer, left, right)
-            layer.set_factors(u @ left, torch.diag(sigma[:rank]), v @ right)
+        ranks = iter(new_ranks)
+        for batch_layers, u, v, left, sigma, right in batches:
+            u_rotated, v_rotated = u @ left, v @ right
+            moments = self._transported_moments(batch_layers, left, right)
+            for i, layer in enumerate(batch_layers):
+                rank = next(ranks)
+                for key, moved in moments.items():
+                    state = self.state[layer.S][key]
+                    state.zero_()
+                    state[:rank, :rank] = moved[i, :rank, :rank]
+                layer.set_factors(u_rotated[i, :, :rank], torch.diag(sigma[i, :rank]), v_rotated[i, :, :rank])
 
-    def _transport_moments(self, layer: GeoLoRALinear, left: torch.Tensor, right: torch.Tensor) -> None:
-        state = self.state[layer.S]
-        old, new = layer.rank, left.shape[1]
+    def _transported_moments(self, layers: list[GeoLoRALinear], left: torch.Tensor,
+                             right: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Adam moments of S carried into the new bases (all augmented columns; callers slice)."""
         if self.moment_transport == "reset":
-            state.clear()
-            return
+            for layer in layers:
+                self.state[layer.S].clear()
+            return {}
+        rank = layers[0].rank
         moves = {"exp_avg": transport_first_moment, "exp_avg_sq": transport_second_moment}
-        for key, move in moves.items():
-            if key in state:
-                moved = move(state[key][:old, :old], left, right)
-                state[key].zero_()
-                state[key][:new, :new] = moved
+        states = [self.state[l.S] for l in layers]
+        return {key: move(torch.stack([s[key][:rank, :rank] for s in states]), left, right)
+                for key, move in moves.items() if key in states[0]}
