@@ -159,10 +159,13 @@ def validate(cfg: Any) -> None:
            f"model {cfg.model.name!r} is a {cfg.model.modality.value} model but task {t.name!r} is "
            f"{t.modality.value}; pick a matching model= / task= pair")
     _check(bool(cfg.model.target_modules), "model.target_modules is empty: name the Linear layers to adapt")
-    _check(1 <= m.min_rank <= m.init_rank <= m.max_rank,
-           f"need 1 <= method.min_rank <= method.init_rank <= method.max_rank, got "
-           f"{m.min_rank}, {m.init_rank}, {m.max_rank}")
-    _check(0.0 <= m.tau < 1.0, f"method.tau must lie in [0, 1), got {m.tau}")
+    if m.name == MethodName.geolora:
+        from .methods import geolora_config
+
+        try:
+            geolora_config(cfg.model, m)
+        except ValueError as err:
+            raise UserError(f"method settings: {err}") from None
     _check(0.0 <= m.dropout < 1.0, f"method.dropout must lie in [0, 1), got {m.dropout}")
     _check(m.moment_transport in ("rotate", "reset"), "method.moment_transport must be rotate or reset")
     _check(m.r >= 1 and m.target_r >= 1, "method.r and method.target_r must be >= 1")

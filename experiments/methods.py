@@ -33,12 +33,17 @@ def _adamw(model: nn.Module, trainer) -> torch.optim.Optimizer:
     return torch.optim.AdamW(_trainable_params(model), lr=trainer.lr, weight_decay=trainer.weight_decay)
 
 
-def use_geolora(model: nn.Module, model_cfg, method, trainer, total_steps: int) -> Adapted:
-    config = geolora.GeoLoRAConfig(
+def geolora_config(model_cfg, method) -> geolora.GeoLoRAConfig:
+    """The library config of a run; its constructor checks the ranks, tau and dropout."""
+    return geolora.GeoLoRAConfig(
         target_modules=list(model_cfg.target_modules), modules_to_save=list(model_cfg.modules_to_save),
         init_rank=method.init_rank, max_rank=method.max_rank, min_rank=method.min_rank, tau=method.tau,
         alpha=method.alpha, dropout=method.dropout, coefficient_steps=method.coefficient_steps,
         rank_budget=method.rank_budget)
+
+
+def use_geolora(model: nn.Module, model_cfg, method, trainer, total_steps: int) -> Adapted:
+    config = geolora_config(model_cfg, method)
     geolora.inject(model, config)
     optimizer = geolora.GeoLoRAOptimizer(model, lr=trainer.lr, weight_decay=trainer.weight_decay,
                                          moment_transport=method.moment_transport)
