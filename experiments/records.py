@@ -38,7 +38,7 @@ class RunRecords:
         self.wandb = self._open_wandb(wandb_cfg, config, name) if wandb_cfg is not None else None
 
     def _open_wandb(self, cfg, config, name):
-        os.environ.setdefault("WANDB_MODE", cfg.mode)  # env, not only init(mode=): avoids a DNS lookup offline
+        os.environ["WANDB_MODE"] = cfg.mode  # env, not only init(mode=): offline then makes no DNS lookup
         os.environ.setdefault("WANDB_SILENT", "true")
         import wandb
 
