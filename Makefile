@@ -5,7 +5,7 @@ export WANDB_MODE ?= offline
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install test test-all demo bench clean
+.PHONY: install test test-all demo bench reproduce-tables clean
 
 install:
 	python3 -m venv $(VENV)
@@ -29,6 +29,12 @@ demo:
 bench:
 	$(PY) scripts/bench_step.py --geometry base
 	$(PY) scripts/bench_step.py --geometry small --batch 8 --seq 128
+
+# Tables (results/tables/) and figures (results/figures/) rebuilt from run folders (results/runs/).
+# PROFILE=offline (default, 2 CPU cores), smoke (tiny, minutes), paper (GPU + hub). Finished runs are skipped.
+PROFILE ?= offline
+reproduce-tables:
+	$(PY) -m experiments.reproduce --profile $(PROFILE)
 
 clean:
 	rm -rf outputs multirun wandb .pytest_cache

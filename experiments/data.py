@@ -128,11 +128,10 @@ def load_task_data(task) -> DatasetDict:
     data = DatasetDict({s: data[s] for s in splits})
     for split in splits:
         data[split] = _normalise_labels(data[split], task)
-    if task.max_train_samples:
-        data[task.train_split] = data[task.train_split].select(range(min(task.max_train_samples, len(data[task.train_split]))))
-    if task.max_eval_samples:
-        for split in task.eval_splits:
-            data[split] = data[split].select(range(min(task.max_eval_samples, len(data[split]))))
+    limits = {task.train_split: task.max_train_samples, **{s: task.max_eval_samples for s in task.eval_splits}}
+    for split, limit in limits.items():
+        if limit and limit < len(data[split]):  # a fixed random subset: files are often sorted by label
+            data[split] = data[split].shuffle(seed=0).select(range(limit))
     return data
 
 
