@@ -205,10 +205,7 @@ def _eval_curves(run_dir: Path, metric: str) -> tuple[list[int], list[float], li
 
 def initial_rank_figure(runs: list, out_png: Path) -> str:
     """Parameters in use and validation metric over training, one line per initial rank (mean over seeds)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from .plots import plt
 
     by_rank: dict[int, list] = {}
     for point, summary, run_dir in runs:
@@ -234,11 +231,9 @@ def initial_rank_figure(runs: list, out_png: Path) -> str:
 
 def robustness_figure(runs: list, out_png: Path) -> str:
     """Final metric over learning rate x rank budget, one heatmap per method; diverged cells are nan."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import numpy as np
+
+    from .plots import plt
 
     methods = sorted({p["method"] for p, _, _ in runs})
     lrs = sorted({p["lr"] for p, _, _ in runs}, reverse=True)
@@ -258,10 +253,13 @@ def robustness_figure(runs: list, out_png: Path) -> str:
                     grid[i, j] = statistics.mean(values)
             rows.append(f"| {method} | {lr:g} | " + " | ".join("nan" if math.isnan(v) else f"{v:.4f}"
                                                                for v in grid[i]) + " |")
-        ax.imshow(grid, vmin=np.nanmin(grid) if np.isfinite(grid).any() else 0, vmax=1, cmap="viridis")
+        cmap = plt.get_cmap("viridis").copy()
+        cmap.set_bad("lightgray")  # diverged cells
+        ax.imshow(grid, vmin=np.nanmin(grid) if np.isfinite(grid).any() else 0, vmax=1, cmap=cmap)
         for i, j in itertools.product(range(len(lrs)), range(len(budgets))):
-            ax.text(j, i, "nan" if np.isnan(grid[i, j]) else f"{grid[i, j]:.3f}", ha="center", va="center",
-                    color="white", fontsize=8)
+            diverged = np.isnan(grid[i, j])
+            ax.text(j, i, "nan" if diverged else f"{grid[i, j]:.3f}", ha="center", va="center",
+                    color="black" if diverged else "white", fontsize=8)
         ax.set(xticks=range(len(budgets)), xticklabels=budgets, yticks=range(len(lrs)),
                yticklabels=[f"{lr:g}" for lr in lrs], xlabel="rank budget", ylabel="learning rate", title=method)
     fig.tight_layout()
