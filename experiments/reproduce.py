@@ -192,15 +192,20 @@ def _latex(cell: str) -> str:
     return cell.replace("±", "$\\pm$").replace("_", "\\_").replace("—", "--")
 
 
-def _eval_curves(run_dir: Path, metric: str) -> tuple[list[int], list[float], list[float]]:
-    steps, params, values = [], [], []
+def _curves(run_dir: Path, key: str) -> tuple[list[int], list[float]]:
+    """(steps, values) of ``key`` in a run's metrics.jsonl (nan where a value is missing)."""
+    steps, values = [], []
     for line in open(run_dir / "metrics.jsonl", encoding="utf-8"):
         record = json.loads(line)
-        if metric in record:
+        if key in record:
             steps.append(record["step"])
-            params.append(record["trainable_params"])
-            values.append(record[metric] if record[metric] is not None else float("nan"))
-    return steps, params, values
+            values.append(float("nan") if record[key] is None else record[key])
+    return steps, values
+
+
+def _mean_curve(curves: list[tuple[list[int], list[float]]]) -> tuple[list[int], list[float]]:
+    length = min(len(c[0]) for c in curves)
+    return curves[0][0][:length], [statistics.mean(c[1][i] for c in curves) for i in range(length)]
 
 
 def initial_rank_figure(runs: list, out_png: Path) -> str:
@@ -208,20 +213,19 @@ def initial_rank_figure(runs: list, out_png: Path) -> str:
     from .plots import plt
 
     by_rank: dict[int, list] = {}
-    for point, summary, run_dir in runs:
-        by_rank.setdefault(point["init_rank"], []).append(_eval_curves(run_dir, summary["main_metric"]))
+    for point, _, run_dir in runs:
+        by_rank.setdefault(point["init_rank"], []).append(run_dir)
+    metric = runs[0][1]["main_metric"]
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
     rows = ["| initial rank | final params in use | final metric | seeds |", "|---|---|---|---|"]
-    for rank, curves in sorted(by_rank.items()):
-        length = min(len(c[0]) for c in curves)
-        steps = curves[0][0][:length]
-        params = [statistics.mean(c[1][i] for c in curves) for i in range(length)]
-        values = [statistics.mean(c[2][i] for c in curves) for i in range(length)]
-        left.plot(steps, params, marker=".", label=f"init rank {rank}")
-        right.plot(steps, values, marker=".", label=f"init rank {rank}")
-        rows.append(f"| {rank} | {params[-1]:,.0f} | {values[-1]:.4f} | {len(curves)} |")
+    for rank, run_dirs in sorted(by_rank.items()):
+        param_steps, params = _mean_curve([_curves(d, "trainable_params") for d in run_dirs])
+        metric_steps, values = _mean_curve([_curves(d, metric) for d in run_dirs])
+        left.plot(param_steps, params, marker=".", label=f"init rank {rank}")
+        right.plot(metric_steps, values, marker=".", label=f"init rank {rank}")
+        rows.append(f"| {rank} | {params[-1]:,.0f} | {values[-1]:.4f} | {len(run_dirs)} |")
     left.set(xlabel="step", ylabel="trainable parameters in use", title="parameters in use")
-    right.set(xlabel="step", ylabel=runs[0][1]["main_metric"], title="validation metric")
+    right.set(xlabel="step", ylabel=metric, title="validation metric")
     left.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out_png, dpi=120)

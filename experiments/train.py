@@ -119,7 +119,9 @@ def train(cfg, run_dir: str | Path) -> dict:
                          OmegaConf.to_container(cfg, resolve=True, enum_to_str=True), name)
     log.info("run %s: %d steps (%d per epoch), %d trainable parameters in use", name, total_steps,
              steps_per_epoch, adapted.trainable())
-    records.log_ranks(0, adapted.ranks())
+    initial_ranks = adapted.ranks()
+    records.log_ranks(0, initial_ranks)
+    records.log(0, {"trainable_params": adapted.trainable(), "total_rank": sum(initial_ranks.values())})
     step_times, epoch_times, history = [], [], []
     best: dict[str, float] = {}
     eval_every = trainer.eval_every or steps_per_epoch
