@@ -81,6 +81,9 @@ def adalora_schedule(tinit: int, tfinal: int, total_steps: int) -> tuple[int, in
 def use_adalora(model: nn.Module, model_cfg, method, trainer, total_steps: int) -> Adapted:
     from peft import AdaLoraConfig, get_peft_model
 
+    if method.target_r >= method.init_rank:
+        raise ValueError(f"AdaLoRA prunes from init_rank to target_r: need method.target_r ({method.target_r}) "
+                         f"< method.init_rank ({method.init_rank})")
     tinit, tfinal = adalora_schedule(method.tinit, method.tfinal, total_steps)
     config = AdaLoraConfig(init_r=method.init_rank, target_r=method.target_r, tinit=tinit, tfinal=tfinal,
                            deltaT=method.delta_t, beta1=method.beta1, beta2=method.beta2,

@@ -22,6 +22,7 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 ROOT = Path(__file__).resolve().parents[1]
 DONE = ("finished", "diverged")
+ADALORA_GRID_INIT_RANK = 16  # the paper's AdaLoRA init r in the robustness study (Figure 2c/d)
 
 
 @dataclass
@@ -41,7 +42,8 @@ class Study:
             out.append(f"trainer.lr={point['lr']}")
         if "budget" in point:
             if point["method"] == "adalora":  # AdaLoRA's budget is its average rank per layer
-                out.append(f"method.target_r={max(1, round(point['budget'] / point['layers']))}")
+                out += [f"method.target_r={max(1, round(point['budget'] / point['layers']))}",
+                        f"method.init_rank={ADALORA_GRID_INIT_RANK}"]
             else:
                 out.append(f"method.rank_budget={point['budget']}")
         return out
