@@ -8,13 +8,10 @@ from __future__ import annotations
 
 import csv
 import json
-import logging
 import math
 import os
 from pathlib import Path
 from typing import Any
-
-log = logging.getLogger(__name__)
 
 
 def _clean(value: Any) -> Any:
