@@ -32,9 +32,11 @@ bench:
 
 # Tables (results/tables/) and figures (results/figures/) rebuilt from run folders (results/runs/).
 # PROFILE=offline (default, 2 CPU cores), smoke (tiny, minutes), paper (GPU + hub). Finished runs are skipped.
+# HYDRA="hydra/launcher=submitit_slurm trainer.device=cuda" passes overrides to every sweep.
 PROFILE ?= offline
+HYDRA ?=
 reproduce-tables:
-	$(PY) -m experiments.reproduce --profile $(PROFILE)
+	$(PY) -m experiments.reproduce --profile $(PROFILE) $(if $(HYDRA),--hydra $(HYDRA))
 
 clean:
 	rm -rf outputs multirun wandb .pytest_cache

@@ -23,11 +23,17 @@ log = logging.getLogger("run")
 def main(cfg: DictConfig) -> float | None:
     from hydra.core.hydra_config import HydraConfig
 
+    from experiments.records import finished_summary
     from experiments.train import train
 
-    summary = train(cfg, HydraConfig.get().runtime.output_dir)
+    run_dir = HydraConfig.get().runtime.output_dir
+    summary = finished_summary(run_dir) if cfg.skip_finished else None
+    if summary is not None:
+        log.info("skip %s (done; skip_finished=false runs it again)", run_dir)
+    else:
+        summary = train(cfg, run_dir)
     value = summary["final"].get(summary["main_metric"])
-    log.info("done: %s = %s, run folder %s", summary["main_metric"], value, HydraConfig.get().runtime.output_dir)
+    log.info("%s: %s = %s, run folder %s", summary["status"], summary["main_metric"], value, run_dir)
     return value
 
 

@@ -74,9 +74,9 @@ class MethodConfig:
     min_rank: int = 2
     tau: float = 0.15
     coefficient_steps: int = 0
-    rank_budget: Optional[int] = None
+    rank_budget: Optional[int] = None  # total rank over all adapted layers (GeoLoRA and AdaLoRA)
     moment_transport: str = "rotate"
-    # LoRA (r) and AdaLoRA (init_r = init_rank, target_r)
+    # LoRA (r) and AdaLoRA (init_r = init_rank, target_r; a rank_budget sets target_r = budget / layers)
     r: int = 8
     target_r: int = 8
     tinit: int = 200
@@ -129,6 +129,7 @@ class RunConfig:
     run_name: Optional[str] = None
     save_adapter: bool = False
     progress: bool = True
+    skip_finished: bool = True  # a run folder whose summary says finished/diverged is not run again
 
 
 def register() -> None:
@@ -169,6 +170,8 @@ def validate(cfg: Any) -> None:
     _check(0.0 <= m.dropout < 1.0, f"method.dropout must lie in [0, 1), got {m.dropout}")
     _check(m.moment_transport in ("rotate", "reset"), "method.moment_transport must be rotate or reset")
     _check(m.r >= 1 and m.target_r >= 1, "method.r and method.target_r must be >= 1")
+    _check(m.rank_budget is None or m.name != MethodName.lora,
+           "method.rank_budget is for geolora and adalora; LoRA's rank is fixed: set method.r")
     _check(tr.lr > 0, f"trainer.lr must be > 0, got {tr.lr}")
     _check(tr.epochs > 0 or (tr.max_steps or 0) > 0, "trainer.epochs (or trainer.max_steps) must be > 0")
     _check(tr.batch_size >= 1, f"trainer.batch_size must be >= 1, got {tr.batch_size}")

@@ -78,14 +78,31 @@ def adalora_schedule(tinit: int, tfinal: int, total_steps: int) -> tuple[int, in
     return new_tinit, new_tfinal
 
 
+def adalora_target_rank(model: nn.Module, model_cfg, method) -> int:
+    """AdaLoRA's average final rank per layer: ``method.target_r``, or the total ``method.rank_budget``
+    spread over the adapted layers (the budget then means the same as GeoLoRA's)."""
+    if method.rank_budget is None:
+        return method.target_r
+    from peft import LoraConfig
+    from peft.tuners.tuners_utils import check_target_module_exists
+
+    matcher = LoraConfig(target_modules=list(model_cfg.target_modules))
+    layers = sum(isinstance(m, nn.Linear) and bool(check_target_module_exists(matcher, n))
+                 for n, m in model.named_modules())
+    if not layers:
+        raise ValueError(f"no Linear layer matches model.target_modules {list(model_cfg.target_modules)}")
+    return max(1, round(method.rank_budget / layers))
+
+
 def use_adalora(model: nn.Module, model_cfg, method, trainer, total_steps: int) -> Adapted:
     from peft import AdaLoraConfig, get_peft_model
 
-    if method.target_r >= method.init_rank:
-        raise ValueError(f"AdaLoRA prunes from init_rank to target_r: need method.target_r ({method.target_r}) "
+    target_r = adalora_target_rank(model, model_cfg, method)
+    if target_r >= method.init_rank:
+        raise ValueError(f"AdaLoRA prunes from init_rank to target_r: need target_r ({target_r}) "
                          f"< method.init_rank ({method.init_rank})")
     tinit, tfinal = adalora_schedule(method.tinit, method.tfinal, total_steps)
-    config = AdaLoraConfig(init_r=method.init_rank, target_r=method.target_r, tinit=tinit, tfinal=tfinal,
+    config = AdaLoraConfig(init_r=method.init_rank, target_r=target_r, tinit=tinit, tfinal=tfinal,
                            deltaT=method.delta_t, beta1=method.beta1, beta2=method.beta2,
                            orth_reg_weight=method.orth_reg_weight, total_step=total_steps,
                            lora_alpha=method.alpha, lora_dropout=method.dropout,
@@ -107,7 +124,7 @@ def use_adalora(model: nn.Module, model_cfg, method, trainer, total_steps: int) 
     def after_step(step: int) -> None:
         model.base_model.update_and_allocate(step)
 
-    settings = {"init_r": method.init_rank, "target_r": method.target_r, "tinit": tinit, "tfinal": tfinal,
+    settings = {"init_r": method.init_rank, "target_r": target_r, "tinit": tinit, "tfinal": tfinal,
                 "deltaT": method.delta_t, "total_step": total_steps, "orth_reg_weight": method.orth_reg_weight}
     return Adapted(model, _adamw(model, trainer), ranks=ranks, trainable=trainable, after_step=after_step,
                    settings=settings)

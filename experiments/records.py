@@ -13,6 +13,17 @@ import os
 from pathlib import Path
 from typing import Any
 
+DONE = ("finished", "diverged")  # statuses of a run that need not run again
+
+
+def finished_summary(run_dir: str | Path) -> dict | None:
+    """The summary of a run folder whose run finished or diverged; None when it has to (re)run."""
+    path = Path(run_dir) / "summary.json"
+    if not path.is_file():
+        return None
+    summary = json.loads(path.read_text())
+    return summary if summary.get("status") in DONE else None
+
 
 def _clean(value: Any) -> Any:
     if isinstance(value, float) and not math.isfinite(value):
@@ -26,12 +37,10 @@ class RunRecords:
     def __init__(self, run_dir: str | Path, wandb_cfg=None, config: dict | None = None, name: str | None = None) -> None:
         self.dir = Path(run_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
-        self._metrics = open(self.dir / "metrics.jsonl", "a", encoding="utf-8")
-        new = not (self.dir / "ranks.csv").exists()
-        self._ranks_file = open(self.dir / "ranks.csv", "a", newline="", encoding="utf-8")
+        self._metrics = open(self.dir / "metrics.jsonl", "w", encoding="utf-8")  # a rerun starts afresh
+        self._ranks_file = open(self.dir / "ranks.csv", "w", newline="", encoding="utf-8")
         self._ranks = csv.writer(self._ranks_file)
-        if new:
-            self._ranks.writerow(["step", "layer", "rank"])
+        self._ranks.writerow(["step", "layer", "rank"])
         self.wandb = self._open_wandb(wandb_cfg, config, name) if wandb_cfg is not None else None
 
     def _open_wandb(self, cfg, config, name):

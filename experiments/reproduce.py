@@ -4,8 +4,9 @@ run folders (never from numbers typed by hand).
 Studies: ``methods`` (main metric per task x method, mean +- std over seeds, parameters in use, time),
 ``initial_rank`` (GeoLoRA from several initial ranks: parameters in use and validation metric over
 training, the paper's Figure 2a/b) and ``robustness`` (learning rate x rank budget, GeoLoRA vs AdaLoRA,
-diverged runs shown as nan, Figure 2c/d). Each run lands in ``results/runs/<profile>/<study>/<run>/`` with
-the ``point.json`` it was made for; finished runs are skipped when the command is run again.
+diverged runs shown as nan, Figure 2c/d). Every study is one or more Hydra multiruns of ``run.py``
+(``--hydra hydra/launcher=...`` sends them to a cluster); each run lands in
+``results/runs/<profile>/<study>/<its swept overrides>/`` and is skipped when the command is run again.
 """
 from __future__ import annotations
 
@@ -15,133 +16,139 @@ import json
 import logging
 import math
 import os
+import shlex
 import statistics
+import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from .records import finished_summary
+
 log = logging.getLogger(__name__)
 ROOT = Path(__file__).resolve().parents[1]
-DONE = ("finished", "diverged")
-ADALORA_GRID_INIT_RANK = 16  # the paper's AdaLoRA init r in the robustness study (Figure 2c/d)
 
 
 @dataclass
 class Study:
     name: str
     kind: str  # methods | initial_rank | robustness
-    points: list[dict]  # one per run: axis values (method, task, seed, lr, budget, init_rank, ...)
-    base: list[str]  # overrides shared by every run of the study
-
-    def overrides(self, point: dict) -> list[str]:
-        out = list(self.base) + [f"method={point['method']}", f"seed={point['seed']}"]
-        if "task" in point:
-            out.append(f"task={point['task']}")
-        if "init_rank" in point:
-            out += [f"method.init_rank={point['init_rank']}", f"method.max_rank={max(point['init_rank'], point['max_rank'])}"]
-        if "lr" in point:
-            out.append(f"trainer.lr={point['lr']}")
-        if "budget" in point:
-            if point["method"] == "adalora":  # AdaLoRA's budget is its average rank per layer
-                out += [f"method.target_r={max(1, round(point['budget'] / point['layers']))}",
-                        f"method.init_rank={ADALORA_GRID_INIT_RANK}"]
-            else:
-                out.append(f"method.rank_budget={point['budget']}")
-        return out
+    axes: dict[str, str]  # what a table or figure groups by -> the override key that sets it
+    sweeps: list[list[str]]  # one Hydra multirun each: overrides, "key=a,b" sweeps over a and b
 
 
-def run_id(point: dict) -> str:
-    skip = ("layers", "max_rank")
-    return ",".join(f"{k}={v}" for k, v in point.items() if k not in skip).replace("/", "-")
+def _sweep_command(study: Study, sweep: list[str], study_dir: Path, hydra_args: list[str]) -> list[str]:
+    """``run.py -m`` for one sweep; each run lands in ``study_dir/<axis overrides>`` (e.g.
+    ``method=lora,seed=0,task=movie_reviews``), so a rerun finds and skips the finished ones."""
+    keys = {override.split("=", 1)[0] for override in sweep} | {"progress", "skip_finished"}
+    not_in_name = sorted(keys - set(study.axes.values()))
+    return [sys.executable, str(ROOT / "run.py"), "-m", *sweep, "progress=false", "skip_finished=true",
+            f"hydra.sweep.dir={study_dir}", "hydra.sweep.subdir=${hydra.job.override_dirname}",
+            f"hydra.job.config.override_dirname.exclude_keys=[{','.join(not_in_name)}]", *hydra_args]
 
 
-def _grid(**axes) -> list[dict]:
-    keys = list(axes)
-    return [dict(zip(keys, values)) for values in itertools.product(*axes.values())]
+def _axis(name: str, values) -> str:
+    return f"{name}={','.join(str(v) for v in values)}"
 
 
 def profile(name: str) -> list[Study]:
     """The studies of a profile. ``paper`` needs a GPU and the hub; ``offline`` runs here in < 90 min;
     ``smoke`` runs every study on tiny budgets in a few minutes (used by the tests)."""
+    methods = {"method": "method", "task": "task", "seed": "seed"}
+    initial_rank = {"method": "method", "init_rank": "method.init_rank", "seed": "seed"}
+    robustness = {"method": "method", "lr": "trainer.lr", "budget": "method.rank_budget", "seed": "seed"}
+    all_methods = _axis("method", ["lora", "adalora", "geolora"])
     if name == "paper":
         glue = [f"glue/{t}" for t in ("mnli", "sst2", "cola", "qqp", "qnli", "rte", "mrpc", "stsb")]
         fig2 = ["model=vit", "task=cifar10", "trainer.batch_size=256", "trainer.epochs=5", "logger=none"]
+        grid = [_axis("trainer.lr", [1e-1, 1e-2, 1e-3, 1e-4]),
+                _axis("method.rank_budget", [100, 200, 300, 400, 500, 600]), _axis("seed", range(3))]
         return [
-            Study("glue", "methods", _grid(task=glue, method=["lora", "adalora", "geolora"], seed=range(5)),
-                  ["model=deberta", "logger=none"]),
-            Study("vit", "methods", _grid(task=["cifar10", "cifar100", "tiny_imagenet"],
-                                          method=["lora", "adalora", "geolora"], seed=range(3)),
-                  ["model=vit", "logger=none"]),
-            Study("initial_rank", "initial_rank",
-                  _grid(method=["geolora"], init_rank=[2, 4, 8, 16, 32, 64], seed=range(4), max_rank=[64]),
-                  fig2 + ["trainer.lr=1e-3", "method.coefficient_steps=50", "method.tau=0.15"]),
-            Study("robustness", "robustness",
-                  _grid(method=["geolora", "adalora"], lr=[1e-1, 1e-2, 1e-3, 1e-4],
-                        budget=[100, 200, 300, 400, 500, 600], seed=range(3), layers=[72]),
-                  fig2 + ["method.init_rank=16", "method.max_rank=32"]),
+            Study("glue", "methods", methods, [["model=deberta", "logger=none", _axis("task", glue), all_methods,
+                                                _axis("seed", range(5))]]),
+            Study("vit", "methods", methods, [["model=vit", "logger=none", "task=cifar10,cifar100,tiny_imagenet",
+                                               all_methods, _axis("seed", range(3))]]),
+            Study("initial_rank", "initial_rank", initial_rank, [fig2 + [
+                "method=geolora", _axis("method.init_rank", [2, 4, 8, 16, 32, 64]), "method.max_rank=64",
+                _axis("seed", range(4)), "trainer.lr=1e-3", "method.coefficient_steps=50", "method.tau=0.15"]]),
+            Study("robustness", "robustness", robustness, [
+                fig2 + grid + ["method=geolora", "method.init_rank=16", "method.max_rank=32"],
+                fig2 + grid + ["method=adalora", "method.init_rank=16"]]),
         ]
     if name == "offline":
         small = ["task.max_train_samples=2000", "trainer.epochs=1", "logger=none"]
+        grid = small + [_axis("trainer.lr", [1e-2, 2e-3, 5e-4]), _axis("method.rank_budget", [72, 144, 288]),
+                        "seed=0"]
         return [
-            Study("initial_rank", "initial_rank",
-                  _grid(method=["geolora"], init_rank=[2, 4, 8, 16, 32], seed=[0], max_rank=[32]),
-                  small + ["trainer.eval_every=16"]),
-            Study("robustness", "robustness",
-                  _grid(method=["geolora", "adalora"], lr=[1e-2, 2e-3, 5e-4], budget=[72, 144, 288], seed=[0],
-                        layers=[36]),
-                  small + ["method.init_rank=8", "method.max_rank=16", "method.tinit=6", "method.tfinal=20"]),
-            Study("movie_reviews", "methods", _grid(task=["movie_reviews"], method=["lora", "adalora", "geolora"],
-                                                    seed=range(3)), ["model=minilm", "logger=none"]),
+            Study("initial_rank", "initial_rank", initial_rank, [small + [
+                "method=geolora", _axis("method.init_rank", [2, 4, 8, 16, 32]), "method.max_rank=32", "seed=0",
+                "trainer.eval_every=16"]]),
+            Study("robustness", "robustness", robustness, [
+                grid + ["method=geolora", "method.init_rank=8", "method.max_rank=16"],
+                grid + ["method=adalora", "method.init_rank=16", "method.tinit=6", "method.tfinal=20"]]),
+            Study("movie_reviews", "methods", methods, [["model=minilm", "logger=none", "task=movie_reviews",
+                                                          all_methods, _axis("seed", range(3))]]),
         ]
     if name == "smoke":
-        tiny = ["model=minilm", "task.max_train_samples=48", "task.max_eval_samples=32", "trainer.batch_size=8",
-                "trainer.max_steps=6", "trainer.eval_every=3", "trainer.log_every=3", "logger=none",
-                "method.tinit=1", "method.tfinal=1", "method.delta_t=1"]
+        tiny = ["model=minilm", "task=movie_reviews", "task.max_train_samples=48", "task.max_eval_samples=32",
+                "trainer.batch_size=8", "trainer.max_steps=6", "trainer.eval_every=3", "trainer.log_every=3",
+                "logger=none", "method.tinit=1", "method.tfinal=1", "method.delta_t=1"]
+        grid = tiny + ["trainer.lr=1e-2,1e3", "method.rank_budget=36,72", "seed=0", "method.init_rank=4"]
         return [
-            Study("methods", "methods", _grid(task=["movie_reviews"], method=["lora", "adalora", "geolora"],
-                                              seed=[0, 1]), tiny),
-            Study("initial_rank", "initial_rank", _grid(method=["geolora"], init_rank=[2, 8], seed=[0], max_rank=[8]),
-                  tiny),
-            Study("robustness", "robustness", _grid(method=["geolora", "adalora"], lr=[1e-2, 1e3], budget=[36, 72],
-                                                    seed=[0], layers=[36]), tiny + ["method.init_rank=4"]),
+            Study("methods", "methods", methods, [tiny + [all_methods, "seed=0,1"]]),
+            Study("initial_rank", "initial_rank", initial_rank, [tiny + [
+                "method=geolora", "method.init_rank=2,8", "method.max_rank=8", "seed=0"]]),
+            Study("robustness", "robustness", robustness, [grid + ["method=geolora"], grid + ["method=adalora"]]),
         ]
     raise ValueError(f"unknown profile {name!r}: use smoke, offline or paper")
 
 
 # ---------------------------------------------------------------- running
 
-def run_studies(profile_name: str, studies: list[Study], runs_root: Path) -> None:
-    """Run every point of every study in-process, skipping runs whose summary says they are done."""
-    from hydra import compose, initialize_config_dir
-
-    from .config import register
-    from .train import train
-
-    register()
+def run_studies(profile_name: str, studies: list[Study], runs_root: Path, hydra_args: list[str],
+                dry_run: bool = False) -> list[str]:
+    """Launch every sweep of every study (finished runs are skipped by run.py); returns the failed sweeps.
+    A failed run does not stop the others: Hydra finishes the sweep, then reports the failure."""
+    failed = []
     for study in studies:
-        for point in study.points:
-            run_dir = runs_root / profile_name / study.name / run_id(point)
-            summary = run_dir / "summary.json"
-            if summary.is_file() and json.loads(summary.read_text()).get("status") in DONE:
-                log.info("skip %s (done)", run_dir)
+        for sweep in study.sweeps:
+            command = _sweep_command(study, sweep, runs_root / profile_name / study.name, hydra_args)
+            if dry_run:
+                print(shlex.join(command))
                 continue
-            run_dir.mkdir(parents=True, exist_ok=True)
-            (run_dir / "point.json").write_text(json.dumps(point, sort_keys=True))
-            with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-                cfg = compose("config", overrides=study.overrides(point) + ["progress=false"])
-            log.info("run %s", run_dir)
-            train(cfg, run_dir)
+            log.info("sweep %s: %s", study.name, " ".join(sweep))
+            if subprocess.run(command, cwd=ROOT).returncode != 0:
+                failed.append(f"{study.name}: {' '.join(sweep)}")
+    return failed
 
 
 # ---------------------------------------------------------------- reading
 
-def collect(study_dir: Path) -> list[tuple[dict, dict, Path]]:
-    """(point, summary, run folder) of every finished or diverged run of a study."""
+def _value(text: str):
+    for parse in (int, float):
+        try:
+            return parse(text)
+        except ValueError:
+            pass
+    return text
+
+
+def collect(study: Study, study_dir: Path) -> list[tuple[dict, dict, Path]]:
+    """(point, summary, run folder) of every finished or diverged run of a study; the point holds the
+    study's axes as the run's Hydra overrides (``.hydra/overrides.yaml``) set them."""
+    import yaml
+
+    by_key = {key: axis for axis, key in study.axes.items()}
     out = []
-    for summary_file in sorted(study_dir.glob("*/summary.json")):
-        summary = json.loads(summary_file.read_text())
-        point_file = summary_file.parent / "point.json"
-        if summary.get("status") in DONE and point_file.is_file():
-            out.append((json.loads(point_file.read_text()), summary, summary_file.parent))
+    for summary_file in sorted(study_dir.rglob("summary.json")):
+        run_dir = summary_file.parent
+        summary = finished_summary(run_dir)
+        overrides_file = run_dir / ".hydra" / "overrides.yaml"
+        if summary is None or not overrides_file.is_file():
+            continue
+        pairs = (o.split("=", 1) for o in yaml.safe_load(overrides_file.read_text()))
+        point = {by_key[key]: _value(value) for key, value in pairs if key in by_key}
+        out.append((point, summary, run_dir))
     return out
 
 
@@ -259,8 +266,7 @@ def robustness_figure(runs: list, out_png: Path) -> str:
                     grid[i, j] = statistics.mean(values)
             rows.append(f"| {method} | {lr:g} | " + " | ".join("nan" if math.isnan(v) else f"{v:.4f}"
                                                                for v in grid[i]) + " |")
-        cmap = plt.get_cmap("viridis").copy()
-        cmap.set_bad("lightgray")  # diverged cells
+        cmap = plt.get_cmap("viridis").with_extremes(bad="lightgray")  # diverged cells
         ax.imshow(grid, vmin=np.nanmin(grid) if np.isfinite(grid).any() else 0, vmax=1, cmap=cmap)
         for i, j in itertools.product(range(len(lrs)), range(len(budgets))):
             diverged = np.isnan(grid[i, j])
@@ -280,7 +286,7 @@ def aggregate(profile_name: str, studies: list[Study], runs_root: Path, out: Pat
     (out / "figures").mkdir(parents=True, exist_ok=True)
     written = []
     for study in studies:
-        runs = collect(runs_root / profile_name / study.name)
+        runs = collect(study, runs_root / profile_name / study.name)
         if not runs:
             log.warning("study %s has no finished runs", study.name)
             continue
@@ -308,16 +314,23 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", default=str(ROOT / "results"), help="tables/ and figures/ go here")
     parser.add_argument("--runs", default=None, help="run folders (default: <out>/runs)")
     parser.add_argument("--aggregate-only", action="store_true", help="only rebuild tables and figures")
+    parser.add_argument("--dry-run", action="store_true", help="print the run.py -m commands, run nothing")
+    parser.add_argument("--hydra", nargs="*", default=[], metavar="OVERRIDE",
+                        help="extra overrides for every sweep, e.g. hydra/launcher=submitit_slurm trainer.device=cuda")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     out = Path(args.out)
     runs_root = Path(args.runs) if args.runs else out / "runs"
     studies = profile(args.profile)
-    if not args.aggregate_only:
-        run_studies(args.profile, studies, runs_root)
+    failed = [] if args.aggregate_only else run_studies(args.profile, studies, runs_root, args.hydra, args.dry_run)
+    if args.dry_run:
+        return
     paper = json.loads((ROOT / "results" / "paper_numbers.json").read_text())
     for path in aggregate(args.profile, studies, runs_root, out, paper):
         print(path)
+    if failed:  # the tables above hold every run that did finish
+        sys.exit(f"error: {len(failed)} sweep(s) had failed runs (their summary.json says why; rerun to retry "
+                 f"them): {'; '.join(failed)}")
 
 
 if __name__ == "__main__":

@@ -7,12 +7,15 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from hydra import compose, initialize_config_dir
+from torch import nn
 
 from experiments.config import register
 from experiments.errors import UserError
+from experiments.methods import adalora_target_rank
 from experiments.train import train
 
 from harness_fixtures import tiny_deberta_dir, write_text_task
@@ -81,6 +84,20 @@ def test_adalora_really_reallocates_ranks(deberta_dir, rte_dir, tmp_path):
     ranks = read_ranks(tmp_path)
     assert set(ranks[0].values()) == {6}
     assert sum(ranks[10].values()) < sum(ranks[0].values())  # update_and_allocate ran and masked ranks
+
+
+def test_adalora_rank_budget_means_total_rank_over_layers():
+    model = nn.ModuleDict({"a": nn.ModuleDict({"query": nn.Linear(4, 4), "value": nn.Linear(4, 4)}),
+                           "b": nn.ModuleDict({"query": nn.Linear(4, 4), "other": nn.Linear(4, 4)})})
+    model_cfg = SimpleNamespace(target_modules=["query", "value"])
+    method = SimpleNamespace(rank_budget=12, target_r=8)
+    assert adalora_target_rank(model, model_cfg, method) == 4  # 12 over the 3 matching layers
+    assert adalora_target_rank(model, model_cfg, SimpleNamespace(rank_budget=None, target_r=8)) == 8
+
+
+def test_lora_rejects_a_rank_budget(tmp_path):
+    with pytest.raises(UserError, match="rank_budget is for geolora and adalora"):
+        train(compose_run("method=lora", "method.rank_budget=10", "logger=none"), tmp_path)
 
 
 def test_geolora_logs_changing_ranks(deberta_dir, rte_dir, tmp_path):
@@ -156,3 +173,10 @@ def test_multirun_sweep_lands_in_separate_run_folders(deberta_dir, rte_dir, tmp_
     assert [p.parent.name for p in summaries] == ["0", "1"]
     assert {json.loads(p.read_text())["method"] for p in summaries} == {"geolora", "lora"}
     assert list((tmp_path / "sweep" / "0" / "wandb").glob("offline-run-*"))  # W&B offline run written
+
+    stamps = [p.stat().st_mtime_ns for p in summaries]
+    again = _cli("-m", "model=deberta", f"model.name_or_path={deberta_dir}", "task=glue/rte",
+                 f"task.data_dir={rte_dir}", "method=geolora,lora", "trainer.max_steps=2", "trainer.batch_size=8",
+                 "logger=wandb", "progress=false", f"hydra.sweep.dir={tmp_path / 'sweep'}", cwd=tmp_path)
+    assert again.returncode == 0 and (again.stdout + again.stderr).count("(done;") == 2
+    assert [p.stat().st_mtime_ns for p in summaries] == stamps  # finished runs are skipped, not redone

@@ -1,10 +1,14 @@
 """`make reproduce-tables PROFILE=smoke`: every table and figure built from real (tiny) runs."""
 import json
 
+import pytest
+from hydra import compose, initialize_config_dir
+
 from experiments import reproduce
+from experiments.config import register, validate
 
 
-def test_smoke_profile_builds_every_table_and_figure_and_skips_finished_runs(tmp_path, caplog):
+def test_smoke_profile_builds_every_table_and_figure_and_skips_finished_runs(tmp_path, capfd):
     reproduce.main(["--profile", "smoke", "--out", str(tmp_path)])
     tables, figures = tmp_path / "tables", tmp_path / "figures"
     for name in ("smoke_methods.md", "smoke_methods.tex", "smoke_initial_rank.md", "smoke_robustness.md"):
@@ -24,12 +28,32 @@ def test_smoke_profile_builds_every_table_and_figure_and_skips_finished_runs(tmp
 
     run_dirs = sorted((tmp_path / "runs" / "smoke").glob("*/*/summary.json"))
     assert len(run_dirs) == 6 + 2 + 8
-    for summary in run_dirs:
-        assert json.loads((summary.parent / "point.json").read_text())["method"] in methods
+    for summary in run_dirs:  # each run is named by its swept overrides and listed as a source
+        assert json.loads(summary.read_text())["method"] in summary.parent.name
         assert summary.parent.name in (tables / f"smoke_{summary.parent.parent.name}.md").read_text()
 
     stamps = {p: p.stat().st_mtime_ns for p in run_dirs}
-    caplog.set_level("INFO")
+    capfd.readouterr()
     reproduce.main(["--profile", "smoke", "--out", str(tmp_path)])
     assert {p: p.stat().st_mtime_ns for p in run_dirs} == stamps  # finished runs are not run again
-    assert caplog.text.count("(done)") == len(run_dirs)
+    assert capfd.readouterr().out.count("(done;") == len(run_dirs)
+
+
+def test_paper_profile_is_a_set_of_hydra_multiruns(capsys):
+    reproduce.main(["--profile", "paper", "--dry-run", "--hydra", "hydra/launcher=basic"])
+    commands = capsys.readouterr().out.splitlines()
+    assert len(commands) == 5  # GLUE, ViT, initial rank, robustness x {GeoLoRA, AdaLoRA}
+    assert all(" -m " in c and c.endswith("hydra/launcher=basic") for c in commands)
+    assert "task=glue/mnli,glue/sst2" in commands[0] and "seed=0,1,2,3,4" in commands[0]
+    assert "method=adalora" in commands[-1] and "method.rank_budget=100,200,300,400,500,600" in commands[-1]
+
+
+@pytest.mark.parametrize("name", ["smoke", "offline", "paper"])
+def test_every_sweep_composes_to_a_valid_config(name):
+    """The first point of each sweep composes and passes validation, so no profile can rot unseen."""
+    register()
+    for study in reproduce.profile(name):
+        for sweep in study.sweeps:
+            first_point = [override.split(",")[0] for override in sweep]
+            with initialize_config_dir(config_dir=str(reproduce.ROOT / "conf"), version_base="1.3"):
+                validate(compose("config", overrides=first_point))
