@@ -17,57 +17,71 @@ def random_orthonormal(rows: int, cols: int, *, dtype: torch.dtype = torch.float
     return q
 
 
-def augment_basis(basis: torch.Tensor, directions: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Extend ``basis`` (n x r, orthonormal) by ``width`` directions of ``(I - B B^T) directions``.
+def columns_in_use(ranks: torch.Tensor, width: int) -> torch.Tensor:
+    """B x width mask: True where a column index is below the layer's rank."""
+    return torch.arange(width, device=ranks.device) < ranks.unsqueeze(-1)
 
-    Returns ``(augmented, r_factor)``: ``augmented`` (n x (r + width)) has orthonormal columns, its
-    first r span ``basis`` with ``basis = augmented[:, :r] @ r_factor`` (``r_factor`` is I up to the
-    rounding ``basis`` has accumulated, so every step re-orthonormalises the basis for free).
 
-    Both come from one Householder QR of ``[basis, directions]``: the trailing columns are orthonormal
-    and orthogonal to ``basis`` even when the projected directions are rank deficient or zero. When
-    fewer than r new columns are wanted, the top singular directions of the projected ``directions``
-    are kept. Leading batch dimensions are allowed (one QR for a stack of same-shaped layers).
+def augment_bases(bases: torch.Tensor, directions: torch.Tensor, ranks: torch.Tensor,
+                  widths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Extend each basis by ``widths[i]`` directions of ``(I - B B^T) directions``, for a stack of
+    same-shaped layers of different ranks held in fixed-size buffers.
+
+    ``bases`` and ``directions`` are B x n x R; layer i uses its first ``ranks[i]`` columns of each
+    (the rest is ignored) and needs ``ranks[i] + widths[i] <= R <= n``. Returns ``(augmented,
+    r_factor)``: ``augmented`` (B x n x R) has orthonormal columns; its first r span the basis, with
+    ``basis[:, :r] = augmented[:, :r] @ r_factor[:r, :r]`` (``r_factor`` is I up to the rounding the
+    basis has accumulated, so every step re-orthonormalises it for free, and zero outside r x r); the
+    next ``widths[i]`` columns span the strongest projected directions; the remaining columns are an
+    orthonormal completion that callers mask out.
+
+    One Householder QR of ``[basis, directions, 0]`` per layer, all layers in one batched call: the new
+    columns are orthonormal and orthogonal to the basis even when the projected directions are rank
+    deficient or zero. When fewer new columns than directions fit, the directions are first ordered by
+    strength (eigenvectors of the projected Gram matrix), so the dominant ones are kept.
     """
-    r = basis.shape[-1]
-    q, upper = torch.linalg.qr(torch.cat([basis, directions], dim=-1) if width > 0 else basis)
-    diagonal = torch.diagonal(upper, dim1=-2, dim2=-1)[..., :r]
-    signs = torch.where(diagonal < 0, -1.0, 1.0).to(basis.dtype)
-    kept, r_factor = q[..., :r] * signs.unsqueeze(-2), upper[..., :r, :r] * signs.unsqueeze(-1)
-    new = q[..., r:]
-    if 0 < width < new.shape[-1]:
-        left = torch.linalg.svd(new.mT @ directions, full_matrices=False)[0]
-        new = new @ left[..., :width]
-    return torch.cat([kept, new[..., :width]], dim=-1), r_factor
+    batch, n, width = bases.shape
+    in_use = columns_in_use(ranks, width).unsqueeze(-2).to(bases.dtype)
+    bases, directions = bases * in_use, directions * in_use
+    if bool((widths < ranks).any()):
+        projected = directions - bases @ (bases.mT @ directions)
+        directions = projected @ torch.linalg.eigh(projected.mT @ projected)[1].flip(-1)
+    slot = torch.arange(width, device=bases.device)
+    r, a = ranks.unsqueeze(-1), widths.unsqueeze(-1)
+    index = torch.where(slot < r, slot, torch.where(slot < r + a, width + slot - r, 2 * width))
+    stacked = torch.cat([bases, directions, bases.new_zeros(batch, n, 1)], dim=-1)
+    q, upper = torch.linalg.qr(stacked.gather(-1, index.unsqueeze(-2).expand(batch, n, width)))
+    signs = torch.where(torch.diagonal(upper, dim1=-2, dim2=-1) < 0, -1.0, 1.0).to(bases.dtype)
+    q, upper = q * signs.unsqueeze(-2), upper * signs.unsqueeze(-1)
+    return q, upper * in_use * in_use.mT
 
 
-def augmented_coefficients(s_new: torch.Tensor, ubar_t_gk: torch.Tensor, gl_t_vbar: torch.Tensor,
-                           lr: float | torch.Tensor) -> torch.Tensor:
-    """The (r+a) x (r+a) coefficient matrix of the augmented basis ``[U Ubar], [V Vbar]``.
+def augmented_coefficients(s_new: torch.Tensor, basis_t_grad_k: torch.Tensor, grad_l_t_basis: torch.Tensor,
+                           ranks: torch.Tensor, widths: torch.Tensor, lr: float | torch.Tensor) -> torch.Tensor:
+    """The coefficient matrix of the augmented bases ``[U Ubar], [V Vbar]`` (B x R x R, padded).
 
     Blocks: ``[[S', -lr G_L^T Vbar], [-lr Ubar^T G_K, 0]]``: the K- and L-steps of the parallel
     rank-adaptive integrator written in the augmented bases (``Ubar^T U = 0``, ``Vbar^T V = 0``).
-    Leading batch dimensions are allowed; ``lr`` may then hold one step size per matrix (shape B x 1 x 1).
+    Inputs are in the padded layout of ``augment_bases``: ``s_new`` is zero outside r x r,
+    ``basis_t_grad_k = augmented_U^T G_K`` and ``grad_l_t_basis = G_L^T augmented_V``; rows/columns
+    r..r+a hold the new directions and everything beyond r + a is masked to zero. ``lr`` may hold one
+    step size per layer (shape B x 1 x 1).
     """
-    a = ubar_t_gk.shape[-2]
-    top = torch.cat([s_new, -lr * gl_t_vbar], dim=-1)
-    bottom = torch.cat([-lr * ubar_t_gk, s_new.new_zeros(*s_new.shape[:-2], a, a)], dim=-1)
-    return torch.cat([top, bottom], dim=-2)
+    width = s_new.shape[-1]
+    old = columns_in_use(ranks, width)
+    new = columns_in_use(ranks + widths, width) & ~old
+    lower_left = (new.unsqueeze(-1) & old.unsqueeze(-2)).to(s_new.dtype)
+    return s_new - lr * (basis_t_grad_k * lower_left + grad_l_t_basis * lower_left.mT)
 
 
-def truncation_rank(sigma: torch.Tensor, tau: float, min_rank: int, max_rank: int) -> int:
-    """Smallest r with ``||sigma[r:]||_2 <= tau ||sigma||_2`` (sigma sorted descending), clamped.
-
-    The clamp is to ``[min_rank, min(max_rank, len(sigma))]``.
-    """
-    sigma = sigma.detach().double().cpu()
-    n = sigma.numel()
-    # tail[k] = ||sigma[k:]||, computed from the back so no cancellation happens.
-    tail = torch.flip(torch.cumsum(torch.flip(sigma ** 2, [0]), 0), [0]).sqrt()
-    tail = torch.cat([tail, tail.new_zeros(1)])
-    threshold = tau * tail[0]
-    rank = int(torch.nonzero(tail <= threshold)[0].item())
-    return max(min(rank, max_rank, n), min(min_rank, n))
+def truncation_ranks(sigmas: torch.Tensor, tau: float, min_rank: int, max_rank: int) -> torch.Tensor:
+    """Per row, the smallest r with ``||sigma[r:]||_2 <= tau ||sigma||_2`` (rows sorted descending),
+    clamped to ``[min_rank, max_rank]`` and to the row length. Batched; stays on the device."""
+    squares = sigmas.double() ** 2
+    tail = torch.flip(torch.cumsum(torch.flip(squares, [-1]), -1), [-1]).sqrt()  # tail[k] = ||sigma[k:]||
+    ranks = (tail > tau * tail[..., :1]).sum(-1)  # tail is non-increasing: count = first index at or below
+    length = sigmas.shape[-1]
+    return ranks.clamp(max=min(max_rank, length)).clamp(min=min(min_rank, length))
 
 
 def budget_ranks(sigmas: list[torch.Tensor], budget: int, min_ranks: list[int], max_ranks: list[int]) -> list[int]:

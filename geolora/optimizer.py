@@ -24,18 +24,30 @@ Neither U nor V is ever weight-decayed: they are orthonormal bases, not weights.
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 from torch import nn
 
 from .layer import GeoLoRALinear
-from .linalg import (augment_basis, augmented_coefficients, budget_ranks, transport_first_moment,
-                     transport_second_moment, truncation_rank)
+from .linalg import (augment_bases, augmented_coefficients, budget_ranks, columns_in_use, transport_first_moment,
+                     transport_second_moment, truncation_ranks)
 from .model import adapters, config_of
 
 BASE_OPTIMIZERS = ("adamw", "sgd")
 MOMENT_TRANSPORTS = ("rotate", "reset")
+
+
+class _Decomposed(NamedTuple):
+    """One batch of same-shaped layers after the augmented SVD, before truncation."""
+
+    layers: list[GeoLoRALinear]
+    ranks: list[int]  # before this step
+    u: torch.Tensor  # augmented bases, B x n x R
+    v: torch.Tensor
+    left: torch.Tensor  # singular vectors of the augmented coefficients, B x R x R
+    sigma: torch.Tensor  # B x R, zero beyond each layer's augmented rank
+    right: torch.Tensor
 
 
 class GeoLoRAOptimizer(torch.optim.Optimizer):
@@ -86,12 +98,12 @@ class GeoLoRAOptimizer(torch.optim.Optimizer):
                 self._base_steps(params, [p.grad for p in params], [self.state[p] for p in params], group)
         return loss
 
-    def _base_steps(self, params: list[torch.Tensor], grads: list[torch.Tensor], states: list[dict], group: dict,
-                    ranks: list[int] | None = None) -> None:
+    def _base_steps(self, params: list[torch.Tensor], grads: list[torch.Tensor], states: list[dict],
+                    group: dict) -> None:
         """AdamW / SGD on a list of tensors at once (foreach kernels, no per-tensor Python loop).
 
-        With ``ranks``, each tensor is an R x R coefficient matrix and only its leading rank x rank
-        block (and the same block of its moments) is stepped.
+        Coefficient matrices are stepped at their full fixed size: outside the rank x rank block their
+        gradient, moments and values are zero, so the step leaves them zero.
         """
         if not params:
             return
@@ -103,14 +115,11 @@ class GeoLoRAOptimizer(torch.optim.Optimizer):
                 if adam:
                     state["exp_avg_sq"] = torch.zeros_like(param)
             state["step"] += 1
-        blocks = [(slice(None, r), slice(None, r)) for r in ranks] if ranks else [(...,)] * len(params)
-        params = [p[b] for p, b in zip(params, blocks)]
-        grads = [g[b] for g, b in zip(grads, blocks)]
-        exp_avgs = [s["exp_avg"][b] for s, b in zip(states, blocks)]
+        exp_avgs = [s["exp_avg"] for s in states]
         lr, wd = group["lr"], group["weight_decay"]
         if adam:
             beta1, beta2 = group["betas"]
-            exp_avg_sqs = [s["exp_avg_sq"][b] for s, b in zip(states, blocks)]
+            exp_avg_sqs = [s["exp_avg_sq"] for s in states]
             if wd:
                 torch._foreach_mul_(params, 1 - lr * wd)
             torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
@@ -135,75 +144,85 @@ class GeoLoRAOptimizer(torch.optim.Optimizer):
         group["step"] += 1
         layers = [layer for layer in self.layers if layer.S.grad is not None and not layer.merged]
         self._base_steps([l.S for l in layers], [l.S.grad for l in layers], [self.state[l.S] for l in layers],
-                         group, ranks=[l.rank for l in layers])
+                         group)
         if not adapt or not layers:
             return
-        # Layers of one shape and rank are augmented and decomposed together, as one batched call.
+        # Layers of one shape are augmented and decomposed together, whatever their ranks: one batched
+        # QR per factor and one batched SVD per shape, in the fixed-size (padded) layout.
         batches: dict[tuple, list[GeoLoRALinear]] = {}
         for layer in layers:
-            key = (layer.U.shape, layer.V.shape, layer.rank, layer.U.dtype, layer.U.device)
+            key = (layer.U.shape, layer.V.shape, layer.U.dtype, layer.U.device)
             batches.setdefault(key, []).append(layer)
         self._truncate([self._augmented_svd(batch, group) for batch in batches.values()])
 
-    def _augmentation_gains(self, layers: list[GeoLoRALinear], group: dict) -> torch.Tensor | float:
+    def _augmentation_gains(self, layers: list[GeoLoRALinear], ranks: torch.Tensor,
+                            group: dict) -> torch.Tensor | float:
         """Scale of the new directions relative to ``lr``: 1 for SGD; for AdamW, Adam's normalisation
-        ``1 / (sqrt(mean v_hat) + eps)`` of each layer's S-gradients, so augmented directions enter on
-        the same scale as the Adam step on S (a per-layer scalar: basis-independent)."""
+        ``1 / (sqrt(mean v_hat) + eps)`` of each layer's S-gradients (mean over the rank x rank block),
+        so augmented directions enter on the same scale as the Adam step on S (a per-layer scalar:
+        basis-independent)."""
         if self.base_optimizer != "adamw" or not self.precondition_augmentation:
             return 1.0
-        rank, beta2 = layers[0].rank, group["betas"][1]
+        beta2 = group["betas"][1]
         states = [self.state[l.S] for l in layers]
-        second = torch.stack([s["exp_avg_sq"][:rank, :rank] for s in states]).mean(dim=(-2, -1))
-        bias = torch.tensor([1 - beta2 ** s["step"] for s in states], dtype=second.dtype, device=second.device)
+        second = torch.stack([s["exp_avg_sq"] for s in states]).sum(dim=(-2, -1)) / ranks ** 2
+        bias = [1 - beta2 ** s["step"] for s in states]
+        bias = torch.tensor(bias, dtype=second.dtype, device=second.device)
         return 1.0 / ((second / bias).sqrt() + group["eps"]).view(-1, 1, 1)
 
-    def _augmented_svd(self, layers: list[GeoLoRALinear], group: dict) -> tuple:
+    def _augmented_svd(self, layers: list[GeoLoRALinear], group: dict) -> "_Decomposed":
         """For a batch of same-shaped layers: augmented bases and the SVD (P, sigma, Q) of the
-        augmented coefficient matrices."""
-        rank = layers[0].rank
-        width = min(rank, layers[0].max_rank - rank)
-        grad_k = torch.stack([l.U.grad[:, :rank] for l in layers])
-        grad_l = torch.stack([l.V.grad[:, :rank] for l in layers])
-        u, u_factor = augment_basis(torch.stack([l.u for l in layers]), grad_k, width)
-        v, v_factor = augment_basis(torch.stack([l.v for l in layers]), grad_l, width)
-        s = u_factor @ torch.stack([l.s for l in layers]) @ v_factor.mT  # S in the re-orthonormalised bases
-        if width > 0:
-            step = group["lr"] * self._augmentation_gains(layers, group)
-            s = augmented_coefficients(s, u[..., rank:].mT @ grad_k, grad_l.mT @ v[..., rank:], step)
+        augmented coefficient matrices, all at the fixed size R (the layers' maximum rank)."""
+        device, max_rank = layers[0].U.device, layers[0].max_rank
+        host_ranks = [l.rank for l in layers]
+        ranks = torch.tensor(host_ranks, device=device)
+        widths = torch.tensor([min(r, max_rank - r) for r in host_ranks], device=device)
+        grad_k = torch.stack([l.U.grad for l in layers])
+        grad_l = torch.stack([l.V.grad for l in layers])
+        u, u_factor = augment_bases(torch.stack([l.U for l in layers]), grad_k, ranks, widths)
+        v, v_factor = augment_bases(torch.stack([l.V for l in layers]), grad_l, ranks, widths)
+        s = u_factor @ torch.stack([l.S for l in layers]) @ v_factor.mT  # S in the re-orthonormalised bases
+        step = group["lr"] * self._augmentation_gains(layers, ranks.to(s.dtype), group)
+        s = augmented_coefficients(s, u.mT @ grad_k, grad_l.mT @ v, ranks, widths, step)
         left, sigma, right_t = torch.linalg.svd(s)
-        return layers, u, v, left, sigma, right_t.mT
+        sigma = sigma * columns_in_use(ranks + widths, max_rank)  # padding: exact zeros, never kept
+        return _Decomposed(layers, host_ranks, u, v, left, sigma, right_t.mT)
 
-    def _truncate(self, batches: list[tuple]) -> None:
-        sigmas = torch.cat([b[4].reshape(-1) for b in batches]).double().cpu()  # the one host sync
-        per_layer = iter(sigmas.split([s.shape[-1] for b in batches for s in b[4]]))
-        layers = [layer for b in batches for layer in b[0]]
-        host = [next(per_layer) for _ in layers]
+    def _truncate(self, batches: list["_Decomposed"]) -> None:
+        """New ranks for every layer (one host sync), then rotate and cut the factors and moments."""
         if self.rank_budget is not None:
-            new_ranks = budget_ranks(host, self.rank_budget, [l.min_rank for l in layers],
-                                     [l.max_rank for l in layers])
-        else:
-            new_ranks = [truncation_rank(s, l.tau, l.min_rank, l.max_rank) for s, l in zip(host, layers)]
-        ranks = iter(new_ranks)
-        for batch_layers, u, v, left, sigma, right in batches:
-            u_rotated, v_rotated = u @ left, v @ right
-            moments = self._transported_moments(batch_layers, left, right)
-            for i, layer in enumerate(batch_layers):
-                rank = next(ranks)
-                for key, moved in moments.items():
-                    state = self.state[layer.S][key]
-                    state.zero_()
-                    state[:rank, :rank] = moved[i, :rank, :rank]
-                layer.set_factors(u_rotated[i, :, :rank], torch.diag(sigma[i, :rank]), v_rotated[i, :, :rank])
+            flat = torch.cat([b.sigma.flatten() for b in batches]).double().cpu()  # the one host sync
+            sigmas = [row for chunk, b in zip(flat.split([b.sigma.numel() for b in batches]), batches)
+                      for row in chunk.view(b.sigma.shape)]
+            lengths = [min(2 * r, l.max_rank) for b in batches for l, r in zip(b.layers, b.ranks)]
+            layers = [layer for b in batches for layer in b.layers]
+            new_ranks = budget_ranks([s[:n] for s, n in zip(sigmas, lengths)], self.rank_budget,
+                                     [l.min_rank for l in layers], [l.max_rank for l in layers])
+        else:  # one config per model: tau and the rank limits are those of the batch's first layer
+            new_ranks = torch.cat([truncation_ranks(b.sigma, b.layers[0].tau, b.layers[0].min_rank,
+                                                    b.layers[0].max_rank) for b in batches]).tolist()  # the sync
+        start = 0
+        for layers, _, u, v, left, sigma, right in batches:
+            host_ranks = new_ranks[start:start + len(layers)]
+            start += len(layers)
+            keep = columns_in_use(torch.tensor(host_ranks, device=sigma.device), sigma.shape[-1]).to(sigma.dtype)
+            block = keep.unsqueeze(-1) * keep.unsqueeze(-2)
+            torch._foreach_copy_([l.U for l in layers], list((u @ left * keep.unsqueeze(-2)).unbind()))
+            torch._foreach_copy_([l.V for l in layers], list((v @ right * keep.unsqueeze(-2)).unbind()))
+            torch._foreach_copy_([l.S for l in layers], list(torch.diag_embed(sigma * keep).unbind()))
+            for key, moved in self._transported_moments(layers, left, right).items():
+                torch._foreach_copy_([self.state[l.S][key] for l in layers], list((moved * block).unbind()))
+            for layer, rank in zip(layers, host_ranks):
+                layer.rank = rank
 
     def _transported_moments(self, layers: list[GeoLoRALinear], left: torch.Tensor,
                              right: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Adam moments of S carried into the new bases (all augmented columns; callers slice)."""
+        """Adam moments of S carried into the new bases (all columns; callers mask)."""
         if self.moment_transport == "reset":
             for layer in layers:
                 self.state[layer.S].clear()
             return {}
-        rank = layers[0].rank
         moves = {"exp_avg": transport_first_moment, "exp_avg_sq": transport_second_moment}
         states = [self.state[l.S] for l in layers]
-        return {key: move(torch.stack([s[key][:rank, :rank] for s in states]), left, right)
+        return {key: move(torch.stack([s[key] for s in states]), left, right)
                 for key, move in moves.items() if key in states[0]}

@@ -1,8 +1,8 @@
 """The pure functions of the step, tested alone."""
 import torch
 
-from geolora.linalg import (augment_basis, augmented_coefficients, budget_ranks, random_orthonormal,
-                            transport_first_moment, transport_second_moment, truncation_rank)
+from geolora.linalg import (augment_bases, augmented_coefficients, budget_ranks, random_orthonormal,
+                            transport_first_moment, transport_second_moment, truncation_ranks)
 
 
 def test_random_orthonormal_is_orthonormal():
@@ -10,60 +10,88 @@ def test_random_orthonormal_is_orthonormal():
     assert torch.allclose(q.T @ q, torch.eye(7), atol=1e-5)
 
 
-def test_augmented_basis_is_orthonormal_and_contains_the_basis_even_for_degenerate_directions():
-    u = random_orthonormal(30, 4)
-    for directions in (torch.randn(30, 4), torch.zeros(30, 4), u @ torch.randn(4, 4)):
-        for width in (0, 1, 3, 4):
-            aug, r_factor = augment_basis(u, directions, width)
-            assert aug.shape == (30, 4 + width)
-            assert torch.allclose(aug.T @ aug, torch.eye(4 + width), atol=1e-5)
-            assert torch.allclose(aug[:, :4] @ r_factor, u, atol=1e-6)
-            assert torch.allclose(r_factor, torch.eye(4), atol=1e-5)
+def _padded(columns: list[torch.Tensor], width: int) -> torch.Tensor:
+    """Stack n x r_i matrices into a B x n x width buffer; columns beyond r_i hold junk (must be ignored)."""
+    junk = torch.randn(len(columns), columns[0].shape[0], width)
+    for i, c in enumerate(columns):
+        junk[i, :, :c.shape[1]] = c
+    return junk
+
+
+def _augment(bases: list[torch.Tensor], directions: list[torch.Tensor], widths: list[int], width: int = 8):
+    ranks = torch.tensor([b.shape[1] for b in bases])
+    return augment_bases(_padded(bases, width), _padded(directions, width), ranks, torch.tensor(widths))
+
+
+def test_augmented_bases_are_orthonormal_and_contain_the_basis_even_for_degenerate_directions():
+    u = [random_orthonormal(30, r) for r in (2, 4, 5)]
+    for make in (torch.randn, torch.zeros):
+        for widths in ([0, 0, 0], [1, 3, 2], [2, 4, 3]):
+            aug, r_factor = _augment(u, [make(30, r) for r in (2, 4, 5)], widths)
+            assert aug.shape == (3, 30, 8)
+            assert torch.allclose(aug.mT @ aug, torch.eye(8).expand(3, 8, 8), atol=1e-5)
+            for i, (basis, r) in enumerate(zip(u, (2, 4, 5))):
+                assert torch.allclose(aug[i, :, :r] @ r_factor[i, :r, :r], basis, atol=1e-6)
+                assert torch.allclose(r_factor[i, :r, :r], torch.eye(r), atol=1e-5)
+                assert r_factor[i, r:].abs().sum() == 0 and r_factor[i, :, r:].abs().sum() == 0
+    inside = u[1] @ torch.randn(4, 4)  # directions in the span of the basis: nothing new to add
+    aug, _ = _augment([u[1]], [inside], [4])
+    assert torch.allclose(aug[0].mT @ aug[0], torch.eye(8), atol=1e-5)
 
 
 def test_augmented_basis_reorthonormalises_a_drifted_basis():
     u = random_orthonormal(30, 4) * (1 + 1e-4)
-    aug, r_factor = augment_basis(u, torch.randn(30, 4), 2)
-    assert torch.allclose(aug.T @ aug, torch.eye(6), atol=1e-6)
-    assert torch.allclose(aug[:, :4] @ r_factor, u, atol=1e-6)
+    aug, r_factor = _augment([u], [torch.randn(30, 4)], [2])
+    assert torch.allclose(aug[0].mT @ aug[0], torch.eye(8), atol=1e-6)
+    assert torch.allclose(aug[0, :, :4] @ r_factor[0, :4, :4], u, atol=1e-6)
 
 
 def test_augmented_basis_spans_projected_directions():
     u = random_orthonormal(30, 4)
     directions = torch.randn(30, 4)
-    new = augment_basis(u, directions, 4)[0][:, 4:]
+    new = _augment([u], [directions], [4])[0][0, :, 4:8]
     projected = directions - u @ (u.T @ directions)
     assert torch.allclose(new @ (new.T @ projected), projected, atol=1e-5)
 
 
 def test_augmented_basis_keeps_dominant_directions_when_narrow():
     u = random_orthonormal(30, 3)
-    strong = augment_basis(u, torch.randn(30, 1), 1)[0][:, 3:]  # a unit direction orthogonal to u
-    directions = torch.cat([100 * strong, 1e-3 * torch.randn(30, 2)], dim=1)
-    new = augment_basis(u, directions, 1)[0][:, 3:]
+    strong = _augment([u], [torch.randn(30, 1)], [1])[0][0, :, 3:4]  # a unit direction orthogonal to u
+    directions = torch.cat([1e-3 * torch.randn(30, 2), 100 * strong], dim=1)
+    new = _augment([u], [directions], [1])[0][0, :, 3:4]
     assert abs(float(new[:, 0] @ strong[:, 0])) > 0.999
 
 
 def test_augmented_coefficients_blocks():
-    s, gk, gl = torch.randn(3, 3), torch.randn(2, 3), torch.randn(3, 2)
-    m = augmented_coefficients(s, gk, gl, lr=0.5)
-    assert torch.equal(m[:3, :3], s)
-    assert torch.allclose(m[3:, :3], -0.5 * gk)
-    assert torch.allclose(m[:3, 3:], -0.5 * gl)
-    assert torch.equal(m[3:, 3:], torch.zeros(2, 2))
+    r, a, width = 3, 2, 6
+    s = torch.zeros(1, width, width)
+    s[0, :r, :r] = torch.randn(r, r)
+    ut_gk, gl_t_v = torch.randn(1, width, width), torch.randn(1, width, width)
+    m = augmented_coefficients(s, ut_gk, gl_t_v, torch.tensor([r]), torch.tensor([a]), lr=0.5)[0]
+    assert torch.equal(m[:r, :r], s[0, :r, :r])
+    assert torch.allclose(m[r:r + a, :r], -0.5 * ut_gk[0, r:r + a, :r])  # -lr Ubar^T G_K
+    assert torch.allclose(m[:r, r:r + a], -0.5 * gl_t_v[0, :r, r:r + a])  # -lr G_L^T Vbar
+    assert torch.equal(m[r:, r:], torch.zeros(width - r, width - r))
+    assert not m[r + a:].any() and not m[:, r + a:].any()  # padding beyond the augmented rank
+
+
+def _truncation_rank(sigma: torch.Tensor, tau: float, min_rank: int, max_rank: int) -> int:
+    return int(truncation_ranks(sigma.unsqueeze(0), tau, min_rank, max_rank)[0])
 
 
 def test_truncation_rank_relative_rule():
     sigma = torch.tensor([10.0, 5.0, 1.0, 0.5, 0.1])
     norm = sigma.norm()
     for tau in (0.0, 0.01, 0.05, 0.1, 0.5, 0.9):
-        r = truncation_rank(sigma, tau, min_rank=1, max_rank=5)
+        r = _truncation_rank(sigma, tau, min_rank=1, max_rank=5)
         assert sigma[r:].norm() <= tau * norm + 1e-12
         if r > 1:  # smallest such rank
             assert sigma[r - 1:].norm() > tau * norm
-    assert truncation_rank(sigma, 0.9, min_rank=3, max_rank=5) == 3
-    assert truncation_rank(sigma, 0.0, min_rank=1, max_rank=2) == 2
-    assert truncation_rank(torch.zeros(4), 0.1, min_rank=2, max_rank=4) == 2
+    assert _truncation_rank(sigma, 0.9, min_rank=3, max_rank=5) == 3
+    assert _truncation_rank(sigma, 0.0, min_rank=1, max_rank=2) == 2
+    assert _truncation_rank(torch.zeros(4), 0.1, min_rank=2, max_rank=4) == 2
+    batch = torch.stack([sigma, torch.tensor([1.0, 1.0, 1.0, 1.0, 0.0])])
+    assert truncation_ranks(batch, 0.05, 1, 5).tolist() == [_truncation_rank(sigma, 0.05, 1, 5), 4]
 
 
 def test_budget_ranks_keeps_largest_values_across_layers():

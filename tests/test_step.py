@@ -251,3 +251,24 @@ def test_weight_decay_never_touches_the_bases():
     mse(model, x, y).backward()
     opt.step()  # coefficient step: U must stay exactly
     assert torch.equal(u, model[0].U)
+
+
+def test_layers_of_one_shape_step_together_exactly_as_alone():
+    """Same-shaped layers of different ranks share one padded batch; no layer may see another's data."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 16))
+    geolora.inject(model, geolora.GeoLoRAConfig(target_modules=["0", "2"], init_rank=5, max_rank=8, tau=0.1))
+    _set_random_factors(model[2], rank=2)
+    x, y = torch.randn(64, 16), torch.randn(64, 16)
+    together, first_alone, second_alone = model, copy.deepcopy(model), copy.deepcopy(model)
+    for net, silent in ((together, None), (first_alone, 2), (second_alone, 0)):
+        opt = geolora.GeoLoRAOptimizer(net, lr=0.05)
+        mse(net, x, y).backward()
+        if silent is not None:  # a layer without gradients sits the step out
+            for p in (net[silent].U, net[silent].S, net[silent].V):
+                p.grad = None
+        opt.step()
+    for alone, index in ((first_alone, 0), (second_alone, 2)):
+        assert alone[index].rank == together[index].rank
+        for name in ("U", "S", "V"):
+            assert torch.allclose(getattr(alone[index], name), getattr(together[index], name), atol=1e-5)
