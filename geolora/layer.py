@@ -119,9 +119,10 @@ class GeoLoRALinear(nn.Module):
         rank = s.shape[0]
         if not self.min_rank <= rank <= self.max_rank and rank != 0:
             raise ValueError(f"rank {rank} outside [{self.min_rank}, {self.max_rank}]")
-        with torch.no_grad():
-            self.U[:, :rank].copy_(u)
-            self.V[:, :rank].copy_(v)
+        with torch.no_grad():  # columns beyond the rank stay zero: the optimizer relies on it
+            for buffer, value in ((self.U, u), (self.V, v)):
+                buffer.zero_()
+                buffer[:, :rank].copy_(value)
             self.S.zero_()
             self.S[:rank, :rank].copy_(s)
         self.rank = rank

@@ -23,37 +23,40 @@ def columns_in_use(ranks: torch.Tensor, width: int) -> torch.Tensor:
 
 
 def augment_bases(bases: torch.Tensor, directions: torch.Tensor, ranks: torch.Tensor,
-                  widths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                  widths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Extend each basis by ``widths[i]`` directions of ``(I - B B^T) directions``, for a stack of
     same-shaped layers of different ranks held in fixed-size buffers.
 
-    ``bases`` and ``directions`` are B x n x R; layer i uses its first ``ranks[i]`` columns of each
-    (the rest is ignored) and needs ``ranks[i] + widths[i] <= R <= n``. Returns ``(augmented,
-    r_factor)``: ``augmented`` (B x n x R) has orthonormal columns; its first r span the basis, with
-    ``basis[:, :r] = augmented[:, :r] @ r_factor[:r, :r]`` (``r_factor`` is I up to the rounding the
-    basis has accumulated, so every step re-orthonormalises it for free, and zero outside r x r); the
-    next ``widths[i]`` columns span the strongest projected directions; the remaining columns are an
+    ``bases`` and ``directions`` are B x n x R; layer i uses its first ``ranks[i]`` columns of each and
+    needs ``ranks[i] + widths[i] <= R <= n``. Columns of ``bases`` beyond the rank must be zero (the
+    layers keep them so); those of ``directions`` are ignored. Returns ``(augmented, signs, r_factor)``:
+    ``augmented`` (B x n x R) has orthonormal columns, each to be read times its sign (B x R, +-1: the
+    QR fixes no sign, and flipping n-sized columns would cost a pass over them; callers fold the signs
+    into their small matrices). With ``A = augmented * signs``: the first r columns of A span the basis,
+    ``basis[:, :r] = A[:, :r] @ r_factor[:r, :r]`` (``r_factor`` is I up to the rounding the basis has
+    accumulated, so every step re-orthonormalises it for free, and zero outside r x r); the next
+    ``widths[i]`` columns span the strongest projected directions; the remaining columns are an
     orthonormal completion that callers mask out.
 
     One Householder QR of ``[basis, directions, 0]`` per layer, all layers in one batched call: the new
     columns are orthonormal and orthogonal to the basis even when the projected directions are rank
-    deficient or zero. When fewer new columns than directions fit, the directions are first ordered by
-    strength (eigenvectors of the projected Gram matrix), so the dominant ones are kept.
+    deficient or zero. The directions are moved into place (and, when fewer new columns than directions
+    fit, first ordered by strength: eigenvectors of the projected Gram matrix) by one small R x R
+    matrix, so the n-sized data is read only by a few batched matmuls and the QR.
     """
-    batch, n, width = bases.shape
-    in_use = columns_in_use(ranks, width).unsqueeze(-2).to(bases.dtype)
-    bases, directions = bases * in_use, directions * in_use
-    if bool((widths < ranks).any()):
-        projected = directions - bases @ (bases.mT @ directions)
-        directions = projected @ torch.linalg.eigh(projected.mT @ projected)[1].flip(-1)
+    width = bases.shape[-1]
+    in_use = columns_in_use(ranks, width).to(bases.dtype).unsqueeze(-1)  # B x R x 1
     slot = torch.arange(width, device=bases.device)
-    r, a = ranks.unsqueeze(-1), widths.unsqueeze(-1)
-    index = torch.where(slot < r, slot, torch.where(slot < r + a, width + slot - r, 2 * width))
-    stacked = torch.cat([bases, directions, bases.new_zeros(batch, n, 1)], dim=-1)
-    q, upper = torch.linalg.qr(stacked.gather(-1, index.unsqueeze(-2).expand(batch, n, width)))
+    # place[j, r + j] = 1 for j < a: direction j becomes column r + j of the matrix to factor.
+    place = ((slot.view(1, -1, 1) + ranks.view(-1, 1, 1) == slot.view(1, 1, -1))
+             & (slot.view(1, -1, 1) < widths.view(-1, 1, 1))).to(bases.dtype)
+    if bool((widths < ranks).any()):
+        overlap = bases.mT @ directions
+        gram = (directions.mT @ directions - overlap.mT @ overlap) * in_use * in_use.mT
+        place = torch.linalg.eigh(gram)[1].flip(-1) * in_use @ place  # strongest projected directions first
+    q, upper = torch.linalg.qr(torch.baddbmm(bases, directions, place))
     signs = torch.where(torch.diagonal(upper, dim1=-2, dim2=-1) < 0, -1.0, 1.0).to(bases.dtype)
-    q, upper = q * signs.unsqueeze(-2), upper * signs.unsqueeze(-1)
-    return q, upper * in_use * in_use.mT
+    return q, signs, signs.unsqueeze(-1) * upper * in_use * in_use.mT
 
 
 def augmented_coefficients(s_new: torch.Tensor, basis_t_grad_k: torch.Tensor, grad_l_t_basis: torch.Tensor,

@@ -43,8 +43,12 @@ class _Decomposed(NamedTuple):
 
     layers: list[GeoLoRALinear]
     ranks: list[int]  # before this step
-    u: torch.Tensor  # augmented bases, B x n x R
+    u: torch.Tensor  # augmented bases, B x n x R, each column to be read times its sign
     v: torch.Tensor
+    u_signs: torch.Tensor  # B x R
+    v_signs: torch.Tensor
+    u_factor: torch.Tensor  # old basis = (augmented * signs)[:, :r] @ factor (B x R x R)
+    v_factor: torch.Tensor
     left: torch.Tensor  # singular vectors of the augmented coefficients, B x R x R
     sigma: torch.Tensor  # B x R, zero beyond each layer's augmented rank
     right: torch.Tensor
@@ -170,7 +174,7 @@ class GeoLoRAOptimizer(torch.optim.Optimizer):
         bias = torch.tensor(bias, dtype=second.dtype, device=second.device)
         return 1.0 / ((second / bias).sqrt() + group["eps"]).view(-1, 1, 1)
 
-    def _augmented_svd(self, layers: list[GeoLoRALinear], group: dict) -> "_Decomposed":
+    def _augmented_svd(self, layers: list[GeoLoRALinear], group: dict) -> _Decomposed:
         """For a batch of same-shaped layers: augmented bases and the SVD (P, sigma, Q) of the
         augmented coefficient matrices, all at the fixed size R (the layers' maximum rank)."""
         device, max_rank = layers[0].U.device, layers[0].max_rank
@@ -179,16 +183,17 @@ class GeoLoRAOptimizer(torch.optim.Optimizer):
         widths = torch.tensor([min(r, max_rank - r) for r in host_ranks], device=device)
         grad_k = torch.stack([l.U.grad for l in layers])
         grad_l = torch.stack([l.V.grad for l in layers])
-        u, u_factor = augment_bases(torch.stack([l.U for l in layers]), grad_k, ranks, widths)
-        v, v_factor = augment_bases(torch.stack([l.V for l in layers]), grad_l, ranks, widths)
-        s = u_factor @ torch.stack([l.S for l in layers]) @ v_factor.mT  # S in the re-orthonormalised bases
+        u, u_signs, u_factor = augment_bases(torch.stack([l.U for l in layers]), grad_k, ranks, widths)
+        v, v_signs, v_factor = augment_bases(torch.stack([l.V for l in layers]), grad_l, ranks, widths)
+        s = u_factor @ torch.stack([l.S for l in layers]) @ v_factor.mT  # S in the augmented bases
         step = group["lr"] * self._augmentation_gains(layers, ranks.to(s.dtype), group)
-        s = augmented_coefficients(s, u.mT @ grad_k, grad_l.mT @ v, ranks, widths, step)
+        s = augmented_coefficients(s, u_signs.unsqueeze(-1) * (u.mT @ grad_k), (grad_l.mT @ v) * v_signs.unsqueeze(-2),
+                                   ranks, widths, step)
         left, sigma, right_t = torch.linalg.svd(s)
         sigma = sigma * columns_in_use(ranks + widths, max_rank)  # padding: exact zeros, never kept
-        return _Decomposed(layers, host_ranks, u, v, left, sigma, right_t.mT)
+        return _Decomposed(layers, host_ranks, u, v, u_signs, v_signs, u_factor, v_factor, left, sigma, right_t.mT)
 
-    def _truncate(self, batches: list["_Decomposed"]) -> None:
+    def _truncate(self, batches: list[_Decomposed]) -> None:
         """New ranks for every layer (one host sync), then rotate and cut the factors and moments."""
         if self.rank_budget is not None:
             flat = torch.cat([b.sigma.flatten() for b in batches]).double().cpu()  # the one host sync
@@ -202,27 +207,36 @@ class GeoLoRAOptimizer(torch.optim.Optimizer):
             new_ranks = torch.cat([truncation_ranks(b.sigma, b.layers[0].tau, b.layers[0].min_rank,
                                                     b.layers[0].max_rank) for b in batches]).tolist()  # the sync
         start = 0
-        for layers, _, u, v, left, sigma, right in batches:
+        for batch in batches:
+            layers, sigma = batch.layers, batch.sigma
             host_ranks = new_ranks[start:start + len(layers)]
             start += len(layers)
             keep = columns_in_use(torch.tensor(host_ranks, device=sigma.device), sigma.shape[-1]).to(sigma.dtype)
             block = keep.unsqueeze(-1) * keep.unsqueeze(-2)
-            torch._foreach_copy_([l.U for l in layers], list((u @ left * keep.unsqueeze(-2)).unbind()))
-            torch._foreach_copy_([l.V for l in layers], list((v @ right * keep.unsqueeze(-2)).unbind()))
+            # Rotations with the basis signs folded in, zero beyond the new rank (as the layers keep them).
+            left = batch.u_signs.unsqueeze(-1) * batch.left * keep.unsqueeze(-2)
+            right = batch.v_signs.unsqueeze(-1) * batch.right * keep.unsqueeze(-2)
+            torch._foreach_copy_([l.U for l in layers], list((batch.u @ left).unbind()))
+            torch._foreach_copy_([l.V for l in layers], list((batch.v @ right).unbind()))
             torch._foreach_copy_([l.S for l in layers], list(torch.diag_embed(sigma * keep).unbind()))
-            for key, moved in self._transported_moments(layers, left, right).items():
+            for key, moved in self._transported_moments(batch).items():
                 torch._foreach_copy_([self.state[l.S][key] for l in layers], list((moved * block).unbind()))
             for layer, rank in zip(layers, host_ranks):
                 layer.rank = rank
 
-    def _transported_moments(self, layers: list[GeoLoRALinear], left: torch.Tensor,
-                             right: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Adam moments of S carried into the new bases (all columns; callers mask)."""
+    def _transported_moments(self, batch: _Decomposed) -> dict[str, torch.Tensor]:
+        """Adam moments of S carried into the new bases (all columns; callers mask): first into the
+        augmented bases as S is (through the QR factors), then along the kept singular vectors."""
         if self.moment_transport == "reset":
-            for layer in layers:
+            for layer in batch.layers:
                 self.state[layer.S].clear()
             return {}
-        moves = {"exp_avg": transport_first_moment, "exp_avg_sq": transport_second_moment}
-        states = [self.state[l.S] for l in layers]
-        return {key: move(torch.stack([s[key] for s in states]), left, right)
-                for key, move in moves.items() if key in states[0]}
+        states = [self.state[l.S] for l in batch.layers]
+        moved = {}
+        if "exp_avg" in states[0]:
+            first = batch.u_factor @ torch.stack([s["exp_avg"] for s in states]) @ batch.v_factor.mT
+            moved["exp_avg"] = transport_first_moment(first, batch.left, batch.right)
+        if "exp_avg_sq" in states[0]:
+            second = batch.u_factor ** 2 @ torch.stack([s["exp_avg_sq"] for s in states]) @ (batch.v_factor ** 2).mT
+            moved["exp_avg_sq"] = transport_second_moment(second, batch.left, batch.right)
+        return moved

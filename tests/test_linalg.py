@@ -10,24 +10,26 @@ def test_random_orthonormal_is_orthonormal():
     assert torch.allclose(q.T @ q, torch.eye(7), atol=1e-5)
 
 
-def _padded(columns: list[torch.Tensor], width: int) -> torch.Tensor:
-    """Stack n x r_i matrices into a B x n x width buffer; columns beyond r_i hold junk (must be ignored)."""
-    junk = torch.randn(len(columns), columns[0].shape[0], width)
+def _padded(columns: list[torch.Tensor], width: int, beyond=torch.zeros) -> torch.Tensor:
+    """Stack n x r_i matrices into a B x n x width buffer, filling columns beyond r_i with ``beyond``."""
+    padded = beyond(len(columns), columns[0].shape[0], width)
     for i, c in enumerate(columns):
-        junk[i, :, :c.shape[1]] = c
-    return junk
+        padded[i, :, :c.shape[1]] = c
+    return padded
 
 
 def _augment(bases: list[torch.Tensor], directions: list[torch.Tensor], widths: list[int], width: int = 8):
+    """Bases zero beyond their rank (as the layers keep them); directions with junk there (ignored)."""
     ranks = torch.tensor([b.shape[1] for b in bases])
-    return augment_bases(_padded(bases, width), _padded(directions, width), ranks, torch.tensor(widths))
+    return augment_bases(_padded(bases, width), _padded(directions, width, torch.randn), ranks, torch.tensor(widths))
 
 
 def test_augmented_bases_are_orthonormal_and_contain_the_basis_even_for_degenerate_directions():
     u = [random_orthonormal(30, r) for r in (2, 4, 5)]
     for make in (torch.randn, torch.zeros):
         for widths in ([0, 0, 0], [1, 3, 2], [2, 4, 3]):
-            aug, r_factor = _augment(u, [make(30, r) for r in (2, 4, 5)], widths)
+            aug, signs, r_factor = _augment(u, [make(30, r) for r in (2, 4, 5)], widths)
+            aug = aug * signs.unsqueeze(-2)
             assert aug.shape == (3, 30, 8)
             assert torch.allclose(aug.mT @ aug, torch.eye(8).expand(3, 8, 8), atol=1e-5)
             for i, (basis, r) in enumerate(zip(u, (2, 4, 5))):
@@ -35,13 +37,14 @@ def test_augmented_bases_are_orthonormal_and_contain_the_basis_even_for_degenera
                 assert torch.allclose(r_factor[i, :r, :r], torch.eye(r), atol=1e-5)
                 assert r_factor[i, r:].abs().sum() == 0 and r_factor[i, :, r:].abs().sum() == 0
     inside = u[1] @ torch.randn(4, 4)  # directions in the span of the basis: nothing new to add
-    aug, _ = _augment([u[1]], [inside], [4])
+    aug = _augment([u[1]], [inside], [4])[0]
     assert torch.allclose(aug[0].mT @ aug[0], torch.eye(8), atol=1e-5)
 
 
 def test_augmented_basis_reorthonormalises_a_drifted_basis():
     u = random_orthonormal(30, 4) * (1 + 1e-4)
-    aug, r_factor = _augment([u], [torch.randn(30, 4)], [2])
+    aug, signs, r_factor = _augment([u], [torch.randn(30, 4)], [2])
+    aug = aug * signs.unsqueeze(-2)
     assert torch.allclose(aug[0].mT @ aug[0], torch.eye(8), atol=1e-6)
     assert torch.allclose(aug[0, :, :4] @ r_factor[0, :4, :4], u, atol=1e-6)
 
