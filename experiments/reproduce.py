@@ -174,23 +174,30 @@ def paper_value(paper: dict, study: str, task: str, method: str) -> str:
 
 # ---------------------------------------------------------------- tables and figures
 
-def methods_table(study: str, runs: list, paper: dict) -> tuple[str, str]:
-    """Markdown and LaTeX: main metric (mean ± std over seeds) beside the paper's, params, time."""
+RESULT_COLUMNS = ["ours (mean ± std)", "seeds", "diverged", "params in use", "time / run (s)"]
+
+
+def _results(summaries: list[dict]) -> list[str]:
+    """The RESULT_COLUMNS cells of a group of runs (one per seed): final metric, counts, means."""
+    return [_mean_std([final_metric(s) for s in summaries]), str(len(summaries)),
+            str(sum(bool(s.get("diverged")) for s in summaries)),
+            f"{statistics.mean(s['trainable_params_final'] for s in summaries):,.0f}",
+            f"{statistics.mean(s['total_time_s'] for s in summaries):.0f}"]
+
+
+def _grouped(runs: list, *axes: str) -> list[tuple[tuple, list[dict]]]:
+    """Summaries grouped by the values of ``axes`` (seeds pooled), sorted."""
     groups: dict[tuple, list] = {}
     for point, summary, _ in runs:
-        groups.setdefault((point.get("task", summary["task"]), point["method"]), []).append(summary)
-    header = ["task", "method", "metric", "ours (mean ± std)", "seeds", "diverged", "paper", "params in use",
-              "time / run (s)"]
-    rows = []
-    for (task, method), summaries in sorted(groups.items()):
-        rows.append([task, method, summaries[0]["main_metric"].removeprefix("eval/"),
-                     _mean_std([final_metric(s) for s in summaries]), str(len(summaries)),
-                     str(sum(bool(s.get("diverged")) for s in summaries)), paper_value(paper, study, task, method),
-                     f"{statistics.mean(s['trainable_params_final'] for s in summaries):,.0f}",
-                     f"{statistics.mean(s['total_time_s'] for s in summaries):.0f}"])
+        groups.setdefault(tuple(point[a] for a in axes), []).append(summary)
+    return sorted(groups.items())
+
+
+def _tables(header: list[str], rows: list[list[str]], text_columns: int) -> tuple[str, str]:
+    """The same table as Markdown and as a LaTeX tabular (booktabs)."""
     markdown = "\n".join(["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
                          + ["| " + " | ".join(r) + " |" for r in rows]) + "\n"
-    latex = ("\\begin{tabular}{" + "l" * 3 + "r" * (len(header) - 3) + "}\n\\toprule\n"
+    latex = ("\\begin{tabular}{" + "l" * text_columns + "r" * (len(header) - text_columns) + "}\n\\toprule\n"
              + "".join(" & ".join(_latex(c) for c in r) + " \\\\\n" + ("\\midrule\n" if r is header else "")
                        for r in [header, *rows])
              + "\\bottomrule\n\\end{tabular}\n")
@@ -199,6 +206,17 @@ def methods_table(study: str, runs: list, paper: dict) -> tuple[str, str]:
 
 def _latex(cell: str) -> str:
     return cell.replace("±", "$\\pm$").replace("_", "\\_").replace("—", "--")
+
+
+def methods_table(study: str, runs: list, paper: dict) -> tuple[str, str]:
+    """Main metric per task x method (mean ± std over seeds) beside the paper's, params, time."""
+    header = ["task", "method", "metric", RESULT_COLUMNS[0], "paper", *RESULT_COLUMNS[1:]]
+    rows = []
+    for (task, method), summaries in _grouped(runs, "task", "method"):
+        ours, *rest = _results(summaries)
+        rows.append([task, method, summaries[0]["main_metric"].removeprefix("eval/"), ours,
+                     paper_value(paper, study, task, method), *rest])
+    return _tables(header, rows, text_columns=3)
 
 
 def _curves(run_dir: Path, key: str) -> tuple[list[int], list[float]]:
@@ -217,8 +235,9 @@ def _mean_curve(curves: list[tuple[list[int], list[float]]]) -> tuple[list[int],
     return curves[0][0][:length], [statistics.mean(c[1][i] for c in curves) for i in range(length)]
 
 
-def initial_rank_figure(runs: list, out_png: Path) -> str:
-    """Parameters in use and validation metric over training, one line per initial rank (mean over seeds)."""
+def initial_rank_figure(runs: list, out_png: Path) -> tuple[str, str]:
+    """Parameters in use and validation metric over training, one line per initial rank (mean over seeds);
+    returns the table of final results per initial rank."""
     from .plots import plt
 
     by_rank: dict[int, list] = {}
@@ -226,24 +245,24 @@ def initial_rank_figure(runs: list, out_png: Path) -> str:
         by_rank.setdefault(point["init_rank"], []).append(run_dir)
     metric = runs[0][1]["main_metric"]
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
-    rows = ["| initial rank | final params in use | final metric | seeds |", "|---|---|---|---|"]
     for rank, run_dirs in sorted(by_rank.items()):
         param_steps, params = _mean_curve([_curves(d, "trainable_params") for d in run_dirs])
         metric_steps, values = _mean_curve([_curves(d, metric) for d in run_dirs])
         left.plot(param_steps, params, marker=".", label=f"init rank {rank}")
         right.plot(metric_steps, values, marker=".", label=f"init rank {rank}")
-        rows.append(f"| {rank} | {params[-1]:,.0f} | {values[-1]:.4f} | {len(run_dirs)} |")
     left.set(xlabel="step", ylabel="trainable parameters in use", title="parameters in use")
     right.set(xlabel="step", ylabel=metric, title="validation metric")
     left.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out_png, dpi=120)
     plt.close(fig)
-    return "\n".join(rows) + "\n"
+    rows = [[str(rank), *_results(summaries)] for (rank,), summaries in _grouped(runs, "init_rank")]
+    return _tables(["initial rank", *RESULT_COLUMNS], rows, text_columns=1)
 
 
-def robustness_figure(runs: list, out_png: Path) -> str:
-    """Final metric over learning rate x rank budget, one heatmap per method; diverged cells are nan."""
+def robustness_figure(runs: list, out_png: Path) -> tuple[str, str]:
+    """Final metric over learning rate x rank budget, one heatmap per method; diverged cells are nan.
+    Returns the grids as Markdown followed by the full table (also as LaTeX)."""
     import numpy as np
 
     from .plots import plt
@@ -254,11 +273,11 @@ def robustness_figure(runs: list, out_png: Path) -> str:
     cells: dict[tuple, list] = {}
     for point, summary, _ in runs:
         cells.setdefault((point["method"], point["lr"], point["budget"]), []).append(final_metric(summary))
-    fig, axes = plt.subplots(1, len(methods), figsize=(5 * len(methods), 4), squeeze=False)
     rows = ["| method | lr | " + " | ".join(f"budget {b}" for b in budgets) + " |",
             "|---|---|" + "---|" * len(budgets)]
-    for ax, method in zip(axes[0], methods):
-        grid = np.full((len(lrs), len(budgets)), np.nan)
+    grids = {}
+    for method in methods:
+        grid = grids[method] = np.full((len(lrs), len(budgets)), np.nan)
         for i, lr in enumerate(lrs):
             for j, budget in enumerate(budgets):
                 values = cells.get((method, lr, budget), [])
@@ -266,8 +285,13 @@ def robustness_figure(runs: list, out_png: Path) -> str:
                     grid[i, j] = statistics.mean(values)
             rows.append(f"| {method} | {lr:g} | " + " | ".join("nan" if math.isnan(v) else f"{v:.4f}"
                                                                for v in grid[i]) + " |")
-        cmap = plt.get_cmap("viridis").with_extremes(bad="lightgray")  # diverged cells
-        ax.imshow(grid, vmin=np.nanmin(grid) if np.isfinite(grid).any() else 0, vmax=1, cmap=cmap)
+    finite = [v for grid in grids.values() for v in grid.flat if not math.isnan(v)]
+    low = min(finite, default=0.0)  # one colour scale for every panel, so cells compare across methods
+    cmap = plt.get_cmap("viridis").with_extremes(bad="lightgray")  # diverged cells
+    fig, axes = plt.subplots(1, len(methods), figsize=(5 * len(methods), 4), squeeze=False)
+    for ax, method in zip(axes[0], methods):
+        grid = grids[method]
+        ax.imshow(grid, vmin=low, vmax=max(finite, default=1.0), cmap=cmap)
         for i, j in itertools.product(range(len(lrs)), range(len(budgets))):
             diverged = np.isnan(grid[i, j])
             ax.text(j, i, "nan" if diverged else f"{grid[i, j]:.3f}", ha="center", va="center",
@@ -277,7 +301,10 @@ def robustness_figure(runs: list, out_png: Path) -> str:
     fig.tight_layout()
     fig.savefig(out_png, dpi=120)
     plt.close(fig)
-    return "\n".join(rows) + "\n"
+    detail = [[method, f"{lr:g}", str(budget), *_results(summaries)]
+              for (method, lr, budget), summaries in _grouped(runs, "method", "lr", "budget")]
+    markdown, latex = _tables(["method", "lr", "rank budget", *RESULT_COLUMNS], detail, text_columns=3)
+    return "\n".join(rows) + "\n\n" + markdown, latex
 
 
 def aggregate(profile_name: str, studies: list[Study], runs_root: Path, out: Path, paper: dict) -> list[Path]:
@@ -294,14 +321,12 @@ def aggregate(profile_name: str, studies: list[Study], runs_root: Path, out: Pat
         sources = "\n".join(f"- {os.path.relpath(r, out)}" for _, _, r in runs)
         if study.kind == "methods":
             markdown, latex = methods_table(study.name, runs, paper)
-            (out / "tables" / f"{stem}.tex").write_text(latex)
-            written.append(out / "tables" / f"{stem}.tex")
-        elif study.kind == "initial_rank":
-            markdown = initial_rank_figure(runs, out / "figures" / f"{stem}.png")
-            written.append(out / "figures" / f"{stem}.png")
         else:
-            markdown = robustness_figure(runs, out / "figures" / f"{stem}.png")
+            draw = initial_rank_figure if study.kind == "initial_rank" else robustness_figure
+            markdown, latex = draw(runs, out / "figures" / f"{stem}.png")
             written.append(out / "figures" / f"{stem}.png")
+        (out / "tables" / f"{stem}.tex").write_text(latex)
+        written.append(out / "tables" / f"{stem}.tex")
         (out / "tables" / f"{stem}.md").write_text(f"# {profile_name}: {study.name}\n\n{markdown}\n"
                                                    f"Built from these run folders:\n{sources}\n")
         written.append(out / "tables" / f"{stem}.md")
