@@ -172,8 +172,9 @@ def main() -> None:
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--tau", type=float, default=0.15)
     parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--reps", type=int, default=5, help="interleaved rounds")
-    parser.add_argument("--steps", type=int, default=3, help="timed steps per method per round")
+    parser.add_argument("--reps", type=int, default=15, help="interleaved rounds")
+    parser.add_argument("--steps", type=int, default=1, help="timed steps per method per round (1: finest "
+                        "interleaving, so drifts in machine load hit every method alike)")
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--out", default="results/bench")
     parser.add_argument("--memory-of", help=argparse.SUPPRESS)
