@@ -22,8 +22,8 @@ def columns_in_use(ranks: torch.Tensor, width: int) -> torch.Tensor:
     return torch.arange(width, device=ranks.device) < ranks.unsqueeze(-1)
 
 
-def augment_bases(bases: torch.Tensor, directions: torch.Tensor, ranks: torch.Tensor,
-                  widths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def augment_bases(bases: torch.Tensor, directions: torch.Tensor, ranks: torch.Tensor, widths: torch.Tensor,
+                  narrow: bool | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Extend each basis by ``widths[i]`` directions of ``(I - B B^T) directions``, for a stack of
     same-shaped layers of different ranks held in fixed-size buffers.
 
@@ -42,7 +42,8 @@ def augment_bases(bases: torch.Tensor, directions: torch.Tensor, ranks: torch.Te
     columns are orthonormal and orthogonal to the basis even when the projected directions are rank
     deficient or zero. The directions are moved into place (and, when fewer new columns than directions
     fit, first ordered by strength: eigenvectors of the projected Gram matrix) by one small R x R
-    matrix, so the n-sized data is read only by a few batched matmuls and the QR.
+    matrix, so the n-sized data is read only by a few batched matmuls and the QR. ``narrow`` says whether
+    any ``widths[i] < ranks[i]``; callers that know it on the host pass it, which spares a device sync.
     """
     width = bases.shape[-1]
     in_use = columns_in_use(ranks, width).to(bases.dtype).unsqueeze(-1)  # B x R x 1
@@ -50,7 +51,7 @@ def augment_bases(bases: torch.Tensor, directions: torch.Tensor, ranks: torch.Te
     # place[j, r + j] = 1 for j < a: direction j becomes column r + j of the matrix to factor.
     place = ((slot.view(1, -1, 1) + ranks.view(-1, 1, 1) == slot.view(1, 1, -1))
              & (slot.view(1, -1, 1) < widths.view(-1, 1, 1))).to(bases.dtype)
-    if bool((widths < ranks).any()):
+    if bool((widths < ranks).any()) if narrow is None else narrow:
         overlap = bases.mT @ directions
         gram = (directions.mT @ directions - overlap.mT @ overlap) * in_use * in_use.mT
         place = torch.linalg.eigh(gram)[1].flip(-1) * in_use @ place  # strongest projected directions first

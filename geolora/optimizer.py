@@ -179,19 +179,22 @@ class GeoLoRAOptimizer(torch.optim.Optimizer):
         augmented coefficient matrices, all at the fixed size R (the layers' maximum rank)."""
         device, max_rank = layers[0].U.device, layers[0].max_rank
         host_ranks = [l.rank for l in layers]
-        ranks = torch.tensor(host_ranks, device=device)
-        widths = torch.tensor([min(r, max_rank - r) for r in host_ranks], device=device)
+        host_widths = [min(r, max_rank - r) for r in host_ranks]
+        narrow = any(w < r for w, r in zip(host_widths, host_ranks))
+        ranks, widths = torch.tensor(host_ranks, device=device), torch.tensor(host_widths, device=device)
         grad_k = torch.stack([l.U.grad for l in layers])
         grad_l = torch.stack([l.V.grad for l in layers])
-        u, u_signs, u_factor = augment_bases(torch.stack([l.U for l in layers]), grad_k, ranks, widths)
-        v, v_signs, v_factor = augment_bases(torch.stack([l.V for l in layers]), grad_l, ranks, widths)
+        u, u_signs, u_factor = augment_bases(torch.stack([l.U for l in layers]), grad_k, ranks, widths, narrow)
+        v, v_signs, v_factor = augment_bases(torch.stack([l.V for l in layers]), grad_l, ranks, widths, narrow)
         s = u_factor @ torch.stack([l.S for l in layers]) @ v_factor.mT  # S in the augmented bases
         step = group["lr"] * self._augmentation_gains(layers, ranks.to(s.dtype), group)
-        s = augmented_coefficients(s, u_signs.unsqueeze(-1) * (u.mT @ grad_k), (grad_l.mT @ v) * v_signs.unsqueeze(-2),
-                                   ranks, widths, step)
+        new_u_t_grad_k = u_signs.unsqueeze(-1) * (u.mT @ grad_k)
+        grad_l_t_new_v = (grad_l.mT @ v) * v_signs.unsqueeze(-2)
+        s = augmented_coefficients(s, new_u_t_grad_k, grad_l_t_new_v, ranks, widths, step)
         left, sigma, right_t = torch.linalg.svd(s)
         sigma = sigma * columns_in_use(ranks + widths, max_rank)  # padding: exact zeros, never kept
-        return _Decomposed(layers, host_ranks, u, v, u_signs, v_signs, u_factor, v_factor, left, sigma, right_t.mT)
+        return _Decomposed(layers, host_ranks, u, v, u_signs, v_signs, u_factor, v_factor, left, sigma,
+                           right_t.mT)
 
     def _truncate(self, batches: list[_Decomposed]) -> None:
         """New ranks for every layer (one host sync), then rotate and cut the factors and moments."""
