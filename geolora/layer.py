@@ -144,8 +144,13 @@ class GeoLoRALinear(nn.Module):
         return torch.tensor([self.rank, int(self.merged)])
 
     def set_extra_state(self, state: torch.Tensor) -> None:
+        """Runs after the factors are loaded: also clears their columns beyond the rank, which the
+        optimizer assumes zero (a state dict from elsewhere may hold stale ones)."""
         self.rank, merged = (int(x) for x in state.tolist())
         self.merged = bool(merged)
+        with torch.no_grad():
+            self.U[:, self.rank:] = 0
+            self.V[:, self.rank:] = 0
 
     def extra_repr(self) -> str:
         return f"rank={self.rank}, max_rank={self.max_rank}, tau={self.tau}, alpha={self.alpha}"

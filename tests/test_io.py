@@ -45,6 +45,17 @@ def test_model_state_dict_carries_ranks(batch):
     assert geolora.ranks(fresh) == geolora.ranks(model)
 
 
+def test_loading_clears_factor_columns_beyond_the_rank(batch):
+    """The optimizer assumes zero columns beyond the rank; a state dict may carry stale ones."""
+    model, _, pristine = _trained(batch)
+    state = {k: v + 1.0 if k.endswith((".U", ".V")) else v for k, v in model.state_dict().items()}
+    fresh = geolora.inject(copy.deepcopy(pristine), deberta_config())
+    fresh.load_state_dict(state)
+    for _, layer in geolora.adapters(fresh):
+        assert not layer.U[:, layer.rank:].any() and not layer.V[:, layer.rank:].any()
+        assert layer.U[:, :layer.rank].all()
+
+
 def test_optimizer_state_round_trips(batch, tmp_path):
     model, opt, _ = _trained(batch, coefficient_steps=2)
     twin = copy.deepcopy(model)
