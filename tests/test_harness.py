@@ -165,9 +165,10 @@ def test_bad_command_line_gives_one_line_error(override, message, tmp_path):
 
 
 def test_multirun_sweep_lands_in_separate_run_folders(deberta_dir, rte_dir, tmp_path):
-    result = _cli("-m", "model=deberta", f"model.name_or_path={deberta_dir}", "task=glue/rte",
-                  f"task.data_dir={rte_dir}", "method=geolora,lora", "trainer.max_steps=2", "trainer.batch_size=8",
-                  "logger=wandb", "progress=false", f"hydra.sweep.dir={tmp_path / 'sweep'}", cwd=tmp_path)
+    sweep = ["-m", "model=deberta", f"model.name_or_path={deberta_dir}", "task=glue/rte", f"task.data_dir={rte_dir}",
+             "method=geolora,lora", "trainer.max_steps=2", "trainer.batch_size=8", "logger=wandb", "progress=false",
+             f"hydra.sweep.dir={tmp_path / 'sweep'}"]
+    result = _cli(*sweep, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
     summaries = sorted((tmp_path / "sweep").glob("*/summary.json"))
     assert [p.parent.name for p in summaries] == ["0", "1"]
@@ -175,8 +176,6 @@ def test_multirun_sweep_lands_in_separate_run_folders(deberta_dir, rte_dir, tmp_
     assert list((tmp_path / "sweep" / "0" / "wandb").glob("offline-run-*"))  # W&B offline run written
 
     stamps = [p.stat().st_mtime_ns for p in summaries]
-    again = _cli("-m", "model=deberta", f"model.name_or_path={deberta_dir}", "task=glue/rte",
-                 f"task.data_dir={rte_dir}", "method=geolora,lora", "trainer.max_steps=2", "trainer.batch_size=8",
-                 "logger=wandb", "progress=false", f"hydra.sweep.dir={tmp_path / 'sweep'}", cwd=tmp_path)
+    again = _cli(*sweep, cwd=tmp_path)  # the same sweep into the same folder
     assert again.returncode == 0 and (again.stdout + again.stderr).count("(done;") == 2
     assert [p.stat().st_mtime_ns for p in summaries] == stamps  # finished runs are skipped, not redone
