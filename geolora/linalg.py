@@ -4,6 +4,8 @@ Every function works on plain tensors so it can be tested alone against the pape
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 
@@ -22,42 +24,96 @@ def columns_in_use(ranks: torch.Tensor, width: int) -> torch.Tensor:
     return torch.arange(width, device=ranks.device) < ranks.unsqueeze(-1)
 
 
+def relative_pivots(gram: torch.Tensor, norms: torch.Tensor, eps: float) -> torch.Tensor:
+    """For the Gram matrix of columns p_1..p_R (B x R x R) and reference squared norms (B x R): the
+    squared distance of each ``p_j / sqrt(norms_j)`` from the span of the columns before it (0 for a
+    zero column). Resolved down to about ``10 eps`` (a diagonal shift of that size keeps the Cholesky
+    factorisation defined whatever the rounding of ``gram``)."""
+    gram = gram.double()
+    scale = torch.where(norms > 0, norms.double().clamp_min(1e-300).rsqrt(), 0.0)
+    shift = 10 * eps * torch.eye(gram.shape[-1], dtype=gram.dtype, device=gram.device)
+    factor = torch.linalg.cholesky_ex(scale.unsqueeze(-1) * gram * scale.unsqueeze(-2) + shift).L
+    return torch.diagonal(factor, dim1=-2, dim2=-1) ** 2 - 10 * eps
+
+
+def masked_cholesky(gram: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(lower, inverse_t)`` with ``lower lower^T = gram`` on the ``valid`` rows/columns (B x R bool)
+    and ``inverse_t = lower^-T`` there; both zero in the other rows/columns."""
+    mask = valid.to(gram.dtype)
+    block = mask.unsqueeze(-1) * mask.unsqueeze(-2)
+    lower = torch.linalg.cholesky_ex(gram * block + torch.diag_embed(1 - mask)).L
+    eye = torch.eye(gram.shape[-1], dtype=gram.dtype, device=gram.device)
+    inverse = torch.linalg.solve_triangular(lower, eye.expand_as(lower), upper=False)
+    return lower * block, inverse.mT * block
+
+
+class Augmented(NamedTuple):
+    """Augmented bases of a stack of layers in factored form: ``augmented = columns @ mix``
+    (B x n x R). The n-sized ``columns`` are formed once; callers fold the small ``mix`` into whatever
+    multiplies them, so the orthonormal basis itself never costs a pass over n-sized data."""
+
+    columns: torch.Tensor  # B x n x R
+    mix: torch.Tensor  # B x R x R, upper triangular
+    r_factor: torch.Tensor  # basis[:, :r] = augmented[:, :r] @ r_factor[:r, :r]; zero outside r x r
+    projections: torch.Tensor  # augmented^T directions (B x R x R; directions' columns beyond r: zero)
+    valid: torch.Tensor  # B x R bool: columns of the augmented basis in use; the others are zero
+
+
 def augment_bases(bases: torch.Tensor, directions: torch.Tensor, ranks: torch.Tensor, widths: torch.Tensor,
-                  narrow: bool | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Extend each basis by ``widths[i]`` directions of ``(I - B B^T) directions``, for a stack of
+                  narrow: torch.Tensor | None = None) -> Augmented:
+    """Extend each basis by up to ``widths[i]`` directions of ``(I - B B^T) directions``, for a stack of
     same-shaped layers of different ranks held in fixed-size buffers.
 
     ``bases`` and ``directions`` are B x n x R; layer i uses its first ``ranks[i]`` columns of each and
     needs ``ranks[i] + widths[i] <= R <= n``. Columns of ``bases`` beyond the rank must be zero (the
-    layers keep them so); those of ``directions`` are ignored. Returns ``(augmented, signs, r_factor)``:
-    ``augmented`` (B x n x R) has orthonormal columns, each to be read times its sign (B x R, +-1: the
-    QR fixes no sign, and flipping n-sized columns would cost a pass over them; callers fold the signs
-    into their small matrices). With ``A = augmented * signs``: the first r columns of A span the basis,
-    ``basis[:, :r] = A[:, :r] @ r_factor[:r, :r]`` (``r_factor`` is I up to the rounding the basis has
-    accumulated, so every step re-orthonormalises it for free, and zero outside r x r); the next
-    ``widths[i]`` columns span the strongest projected directions; the remaining columns are an
-    orthonormal completion that callers mask out.
+    layers keep them so); those of ``directions`` are ignored. The augmented basis has orthonormal
+    ``valid`` columns: the first r span the basis (``r_factor`` is I up to the rounding the basis has
+    accumulated, so every step re-orthonormalises it for free); the next ``widths[i]`` hold the
+    strongest projected directions (ordered by strength, eigenvectors of their Gram matrix, when fewer
+    columns than directions fit). A direction that adds almost nothing new (zero, or its part outside the
+    basis and the stronger directions is below ``sqrt(100 eps)`` of its norm: 0.35% in float32) is
+    left out: its column is zero and not ``valid``; what it loses is below that relative size.
 
-    One Householder QR of ``[basis, directions, 0]`` per layer, all layers in one batched call: the new
-    columns are orthonormal and orthogonal to the basis even when the projected directions are rank
-    deficient or zero. The directions are moved into place (and, when fewer new columns than directions
-    fit, first ordered by strength: eigenvectors of the projected Gram matrix) by one small R x R
-    matrix, so the n-sized data is read only by a few batched matmuls and the QR. ``narrow`` says whether
-    any ``widths[i] < ranks[i]``; callers that know it on the host pass it, which spares a device sync.
+    The n-sized data is read by five batched matmuls: ``B^T D`` and ``D^T D``; the columns
+    ``B T_1 + D T_2`` with ``T_1, T_2`` from those small Gram matrices (float64); their Gram matrix,
+    whose Cholesky factor gives ``mix`` (CholeskyQR2: the second factorisation removes the first one's
+    rounding). ``narrow`` lists the items with ``widths[i] < ranks[i]`` (the only ones that need the
+    ordering); callers that know them on the host pass them, which spares a device sync.
     """
-    width = bases.shape[-1]
-    in_use = columns_in_use(ranks, width).to(bases.dtype).unsqueeze(-1)  # B x R x 1
+    dtype, width = bases.dtype, bases.shape[-1]
+    eps = torch.finfo(dtype).eps
+    in_use = columns_in_use(ranks, width)
+    old = in_use.double()
+    old_block = old.unsqueeze(-1) * old.unsqueeze(-2)
+    overlap_raw = (bases.mT @ directions).double() * old_block  # B^T D
+    gram_raw = (directions.mT @ directions).double() * old_block  # D^T D
+    projected = gram_raw - overlap_raw.mT @ overlap_raw  # Gram of (I - B B^T) D
     slot = torch.arange(width, device=bases.device)
-    # place[j, r + j] = 1 for j < a: direction j becomes column r + j of the matrix to factor.
+    # place[j, r + j] = 1 for j < a: direction j becomes augmented column r + j.
     place = ((slot.view(1, -1, 1) + ranks.view(-1, 1, 1) == slot.view(1, 1, -1))
-             & (slot.view(1, -1, 1) < widths.view(-1, 1, 1))).to(bases.dtype)
-    if bool((widths < ranks).any()) if narrow is None else narrow:
-        overlap = bases.mT @ directions
-        gram = (directions.mT @ directions - overlap.mT @ overlap) * in_use * in_use.mT
-        place = torch.linalg.eigh(gram)[1].flip(-1) * in_use @ place  # strongest projected directions first
-    q, upper = torch.linalg.qr(torch.baddbmm(bases, directions, place))
-    signs = torch.where(torch.diagonal(upper, dim1=-2, dim2=-1) < 0, -1.0, 1.0).to(bases.dtype)
-    return q, signs, signs.unsqueeze(-1) * upper * in_use * in_use.mT
+             & (slot.view(1, -1, 1) < widths.view(-1, 1, 1))).double()
+    narrow = torch.nonzero(widths < ranks).flatten() if narrow is None else narrow
+    if narrow.numel():  # strongest directions first: eigenvectors of their projected Gram matrix
+        ordered = torch.linalg.eigh(projected[narrow])[1].flip(-1) * old[narrow].unsqueeze(-1) @ place[narrow]
+        place = place.index_copy(0, narrow, ordered)
+    candidates = place.mT @ projected @ place
+    norms = torch.diagonal(place.mT @ gram_raw @ place, dim1=-2, dim2=-1)
+    new = columns_in_use(ranks + widths, width) & ~in_use & (relative_pivots(candidates, norms, eps) >= 100 * eps)
+    _, orthonormalise = masked_cholesky(candidates, new)
+    on_directions = place @ orthonormalise
+    on_bases = torch.diag_embed(old) - overlap_raw @ on_directions
+    columns = torch.baddbmm(bases @ on_bases.to(dtype), directions, on_directions.to(dtype))
+    valid = in_use | new
+    lower, mix = masked_cholesky((columns.mT @ columns).double(), valid)
+    projections = mix.mT @ (on_bases.mT @ overlap_raw + on_directions.mT @ gram_raw)
+    return Augmented(columns, mix.to(dtype), (lower.mT * old_block).to(dtype), projections.to(dtype), valid)
+
+
+def matched_identity(rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """B x R x R partial isometry pairing the k-th True of ``rows`` with the k-th True of ``cols``."""
+    rank_rows, rank_cols = rows.cumsum(-1), cols.cumsum(-1)
+    return (rows.unsqueeze(-1) & cols.unsqueeze(-2)
+            & (rank_rows.unsqueeze(-1) == rank_cols.unsqueeze(-2)))
 
 
 def augmented_coefficients(s_new: torch.Tensor, basis_t_grad_k: torch.Tensor, grad_l_t_basis: torch.Tensor,

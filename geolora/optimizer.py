@@ -30,28 +30,42 @@ import torch
 from torch import nn
 
 from .layer import GeoLoRALinear
-from .linalg import (augment_bases, augmented_coefficients, budget_ranks, columns_in_use, transport_first_moment,
-                     transport_second_moment, truncation_ranks)
+from .linalg import (Augmented, augment_bases, augmented_coefficients, budget_ranks, columns_in_use,
+                     matched_identity, transport_first_moment, transport_second_moment, truncation_ranks)
 from .model import adapters, config_of
 
 BASE_OPTIMIZERS = ("adamw", "sgd")
 MOMENT_TRANSPORTS = ("rotate", "reset")
 
 
-class _Decomposed(NamedTuple):
-    """One batch of same-shaped layers after the augmented SVD, before truncation."""
+class _Batch(NamedTuple):
+    """Layers of one maximum rank R (and dtype, device), stepped together whatever their shapes."""
 
     layers: list[GeoLoRALinear]
     ranks: list[int]  # before this step
-    u: torch.Tensor  # augmented bases, B x n x R, each column to be read times its sign
-    v: torch.Tensor
-    u_signs: torch.Tensor  # B x R
-    v_signs: torch.Tensor
-    u_factor: torch.Tensor  # old basis = (augmented * signs)[:, :r] @ factor (B x R x R)
+    s: torch.Tensor  # B x R x R, after the base step
+
+
+class _Side(NamedTuple):
+    """The U (or the V) factors of a batch's layers that share a shape: augmented in one call."""
+
+    factors: list[nn.Parameter]
+    members: torch.Tensor  # their layers' positions in the batch
+    augmented: Augmented
+
+
+class _Decomposed(NamedTuple):
+    """One batch after the augmented SVD, before truncation."""
+
+    batch: _Batch
+    u_sides: list[_Side]
+    v_sides: list[_Side]
+    u_factor: torch.Tensor  # old basis = augmented[:, :r] @ factor, B x R x R
     v_factor: torch.Tensor
     left: torch.Tensor  # singular vectors of the augmented coefficients, B x R x R
-    sigma: torch.Tensor  # B x R, zero beyond each layer's augmented rank
+    sigma: torch.Tensor  # B x R, zero beyond what the augmented bases can hold
     right: torch.Tensor
+    capacity: torch.Tensor  # B: the most columns both augmented bases can give
 
 
 class GeoLoRAOptimizer(torch.optim.Optimizer):
@@ -60,6 +74,10 @@ class GeoLoRAOptimizer(torch.optim.Optimizer):
     Group 0 holds the adapter factors (U, S, V of each layer, in that order) and runs the geometric
     step; group 1, if any, holds the remaining trainable parameters (``modules_to_save``) and runs the
     plain base optimizer. LR schedulers, gradient clipping and ``GradScaler`` work as usual.
+
+    Same-shaped layers are stepped as one batch (stacked factors, batched linear algebra, the S
+    moments of a batch stored as views of one stacked tensor), so the cost per step hardly grows with
+    the number of layers.
     """
 
     def __init__(self, model: nn.Module, lr: float = 1e-3, weight_decay: float = 0.0,
@@ -98,69 +116,89 @@ class GeoLoRAOptimizer(torch.optim.Optimizer):
             if group["role"] == "adapters":
                 self._adapter_step(group)
             else:
-                params = [p for p in group["params"] if p.grad is not None]
-                self._base_steps(params, [p.grad for p in params], [self.state[p] for p in params], group)
+                for param in group["params"]:
+                    if param.grad is not None:
+                        state = self.state[param]
+                        moments = self._moments(state, param)
+                        state["step"] += 1
+                        self._base_step(param, param.grad, moments, state["step"], group)
         return loss
 
-    def _base_steps(self, params: list[torch.Tensor], grads: list[torch.Tensor], states: list[dict],
-                    group: dict) -> None:
-        """AdamW / SGD on a list of tensors at once (foreach kernels, no per-tensor Python loop).
+    def _moments(self, state: dict, like: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The base optimizer's moment tensors in ``state``, created (zero) on first use."""
+        keys = ("exp_avg", "exp_avg_sq") if self.base_optimizer == "adamw" else ("exp_avg",)
+        if not state:
+            state["step"] = 0
+            for key in keys:
+                state[key] = torch.zeros_like(like)
+        return {key: state[key] for key in keys}
 
-        Coefficient matrices are stepped at their full fixed size: outside the rank x rank block their
-        gradient, moments and values are zero, so the step leaves them zero.
-        """
-        if not params:
-            return
-        adam = self.base_optimizer == "adamw"
-        for param, state in zip(params, states):
-            if not state:
-                state["step"] = 0
-                state["exp_avg"] = torch.zeros_like(param)
-                if adam:
-                    state["exp_avg_sq"] = torch.zeros_like(param)
+    def _stacked_moments(self, layers: list[GeoLoRALinear], like: torch.Tensor) -> tuple[dict, list[int]]:
+        """The S moments of a batch as B x R x R tensors the layers' states are views of (stacked once,
+        kept stacked: updating them costs one op per batch, not one per layer); and each layer's step."""
+        states = [self.state[l.S] for l in layers]
+        moments = [self._moments(state, like[0]) for state in states]
+        stacked = {}
+        for key in moments[0]:
+            views = [m[key] for m in moments]
+            base = views[0]._base
+            if not (base is not None and base.shape[0] == len(views) and all(
+                    view._base is base and view.storage_offset() == i * base.stride(0) for i, view in enumerate(views))):
+                base = torch.stack(views)
+                for state, view in zip(states, base.unbind()):
+                    state[key] = view
+            stacked[key] = base
+        for state in states:
             state["step"] += 1
-        exp_avgs = [s["exp_avg"] for s in states]
+        return stacked, [state["step"] for state in states]
+
+    def _base_step(self, param: torch.Tensor, grad: torch.Tensor, moments: dict[str, torch.Tensor],
+                   steps: int | torch.Tensor, group: dict) -> None:
+        """AdamW / SGD in place on one tensor (or on a stack of same-shaped ones, ``steps`` then per
+        item, shaped to broadcast). Coefficient matrices are stepped at their full fixed size: outside
+        the rank x rank block their gradient, moments and values are zero, so the step leaves them zero."""
         lr, wd = group["lr"], group["weight_decay"]
-        if adam:
+        exp_avg = moments["exp_avg"]
+        if self.base_optimizer == "adamw":
             beta1, beta2 = group["betas"]
-            exp_avg_sqs = [s["exp_avg_sq"] for s in states]
+            exp_avg_sq = moments["exp_avg_sq"]
             if wd:
-                torch._foreach_mul_(params, 1 - lr * wd)
-            torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
-            torch._foreach_mul_(exp_avg_sqs, beta2)
-            torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1 - beta2)
-            steps = [s["step"] for s in states]
-            denoms = torch._foreach_div(exp_avg_sqs, [1 - beta2 ** t for t in steps])
-            torch._foreach_sqrt_(denoms)
-            torch._foreach_add_(denoms, group["eps"])
-            torch._foreach_addcdiv_(params, exp_avgs, denoms, [-lr / (1 - beta1 ** t) for t in steps])
+                param.mul_(1 - lr * wd)
+            exp_avg.lerp_(grad, 1 - beta1)
+            exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+            denom = (exp_avg_sq / (1 - beta2 ** steps)).sqrt_().add_(group["eps"])
+            param.sub_(exp_avg / denom * (lr / (1 - beta1 ** steps)))
         else:
             if wd:
-                grads = torch._foreach_add(grads, params, alpha=wd)
+                grad = grad + wd * param
             if group["momentum"]:
-                torch._foreach_mul_(exp_avgs, group["momentum"])
-                torch._foreach_add_(exp_avgs, grads)
-                grads = exp_avgs
-            torch._foreach_add_(params, grads, alpha=-lr)
+                grad = exp_avg.mul_(group["momentum"]).add_(grad)
+            param.add_(grad, alpha=-lr)
 
     def _adapter_step(self, group: dict) -> None:
         adapt = group["step"] % (self.coefficient_steps + 1) == 0
         group["step"] += 1
         layers = [layer for layer in self.layers if layer.S.grad is not None and not layer.merged]
-        self._base_steps([l.S for l in layers], [l.S.grad for l in layers], [self.state[l.S] for l in layers],
-                         group)
-        if not adapt or not layers:
-            return
-        # Layers of one shape are augmented and decomposed together, whatever their ranks: one batched
-        # QR per factor and one batched SVD per shape, in the fixed-size (padded) layout.
-        batches: dict[tuple, list[GeoLoRALinear]] = {}
+        # Layers of one maximum rank are stepped together whatever their shapes and ranks, in the
+        # fixed-size (padded) layout: one batched base step and one batched SVD; their U and V factors
+        # are augmented in one call per factor shape.
+        by_rank: dict[tuple, list[GeoLoRALinear]] = {}
         for layer in layers:
-            key = (layer.U.shape, layer.V.shape, layer.U.dtype, layer.U.device)
-            batches.setdefault(key, []).append(layer)
-        self._truncate([self._augmented_svd(batch, group) for batch in batches.values()])
+            by_rank.setdefault((layer.max_rank, layer.S.dtype, layer.S.device), []).append(layer)
+        batches = []
+        for members in by_rank.values():
+            s = torch.stack([l.S for l in members])
+            moments, steps = self._stacked_moments(members, s)
+            steps = steps[0] if len(set(steps)) == 1 else torch.tensor(steps, dtype=s.dtype, device=s.device).view(-1, 1, 1)
+            self._base_step(s, torch.stack([l.S.grad for l in members]), moments, steps, group)
+            if adapt:
+                batches.append(_Batch(members, [l.rank for l in members], s))
+            else:
+                torch._foreach_copy_([l.S for l in members], list(s.unbind()))
+        if batches:
+            self._truncate([self._augmented_svd(batch, group) for batch in batches])
 
-    def _augmentation_gains(self, layers: list[GeoLoRALinear], ranks: torch.Tensor,
-                            group: dict) -> torch.Tensor | float:
+    def _augmentation_gains(self, batch: _Batch, ranks: torch.Tensor, group: dict) -> torch.Tensor | float:
         """Scale of the new directions relative to ``lr``: 1 for SGD; for AdamW, Adam's normalisation
         ``1 / (sqrt(mean v_hat) + eps)`` of each layer's S-gradients (mean over the rank x rank block),
         so augmented directions enter on the same scale as the Adam step on S (a per-layer scalar:
@@ -168,78 +206,107 @@ class GeoLoRAOptimizer(torch.optim.Optimizer):
         if self.base_optimizer != "adamw" or not self.precondition_augmentation:
             return 1.0
         beta2 = group["betas"][1]
-        states = [self.state[l.S] for l in layers]
-        second = torch.stack([s["exp_avg_sq"] for s in states]).sum(dim=(-2, -1)) / ranks ** 2
-        bias = [1 - beta2 ** s["step"] for s in states]
+        second = self.state[batch.layers[0].S]["exp_avg_sq"]._base.sum(dim=(-2, -1)) / ranks ** 2
+        bias = [1 - beta2 ** self.state[l.S]["step"] for l in batch.layers]
         bias = torch.tensor(bias, dtype=second.dtype, device=second.device)
         return 1.0 / ((second / bias).sqrt() + group["eps"]).view(-1, 1, 1)
 
-    def _augmented_svd(self, layers: list[GeoLoRALinear], group: dict) -> _Decomposed:
-        """For a batch of same-shaped layers: augmented bases and the SVD (P, sigma, Q) of the
-        augmented coefficient matrices, all at the fixed size R (the layers' maximum rank)."""
-        device, max_rank = layers[0].U.device, layers[0].max_rank
-        host_ranks = [l.rank for l in layers]
-        host_widths = [min(r, max_rank - r) for r in host_ranks]
-        narrow = any(w < r for w, r in zip(host_widths, host_ranks))
-        ranks, widths = torch.tensor(host_ranks, device=device), torch.tensor(host_widths, device=device)
-        grad_k = torch.stack([l.U.grad for l in layers])
-        grad_l = torch.stack([l.V.grad for l in layers])
-        u, u_signs, u_factor = augment_bases(torch.stack([l.U for l in layers]), grad_k, ranks, widths, narrow)
-        v, v_signs, v_factor = augment_bases(torch.stack([l.V for l in layers]), grad_l, ranks, widths, narrow)
-        s = u_factor @ torch.stack([l.S for l in layers]) @ v_factor.mT  # S in the augmented bases
-        step = group["lr"] * self._augmentation_gains(layers, ranks.to(s.dtype), group)
-        new_u_t_grad_k = u_signs.unsqueeze(-1) * (u.mT @ grad_k)
-        grad_l_t_new_v = (grad_l.mT @ v) * v_signs.unsqueeze(-2)
-        s = augmented_coefficients(s, new_u_t_grad_k, grad_l_t_new_v, ranks, widths, step)
-        left, sigma, right_t = torch.linalg.svd(s)
-        sigma = sigma * columns_in_use(ranks + widths, max_rank)  # padding: exact zeros, never kept
-        return _Decomposed(layers, host_ranks, u, v, u_signs, v_signs, u_factor, v_factor, left, sigma,
-                           right_t.mT)
+    @staticmethod
+    def _augment_sides(factors: list[nn.Parameter], ranks: torch.Tensor, widths: torch.Tensor,
+                       narrow: list[bool]) -> list[_Side]:
+        """Augment the bases ``factors`` (one per layer of a batch) by their gradients (the K- or
+        L-gradients), one call per factor shape."""
+        by_shape: dict[torch.Size, list[int]] = {}
+        for position, factor in enumerate(factors):
+            by_shape.setdefault(factor.shape, []).append(position)
+        sides = []
+        for positions in by_shape.values():
+            members = torch.tensor(positions, device=ranks.device)
+            narrow_items = torch.tensor([i for i, p in enumerate(positions) if narrow[p]], dtype=torch.long,
+                                        device=ranks.device)
+            augmented = augment_bases(torch.stack([factors[p] for p in positions]),
+                                      torch.stack([factors[p].grad for p in positions]),
+                                      ranks[members], widths[members], narrow_items)
+            sides.append(_Side([factors[p] for p in positions], members, augmented))
+        return sides
 
-    def _truncate(self, batches: list[_Decomposed]) -> None:
+    @staticmethod
+    def _in_batch_order(sides: list[_Side], field: str) -> torch.Tensor:
+        """A small per-layer field of the sides' augmentations, in the batch's layer order."""
+        values = torch.cat([getattr(side.augmented, field) for side in sides])
+        order = torch.cat([side.members for side in sides])
+        return torch.empty_like(values).index_copy_(0, order, values)
+
+    def _augmented_svd(self, batch: _Batch, group: dict) -> _Decomposed:
+        """For a batch of layers: augmented bases and the SVD (P, sigma, Q) of the augmented
+        coefficient matrices, all at the fixed size R (the layers' maximum rank)."""
+        layers, device, max_rank = batch.layers, batch.s.device, batch.layers[0].max_rank
+        host_widths = [min(r, max_rank - r) for r in batch.ranks]
+        narrow = [w < r for w, r in zip(host_widths, batch.ranks)]
+        ranks, widths = torch.tensor(batch.ranks, device=device), torch.tensor(host_widths, device=device)
+        u_sides = self._augment_sides([l.U for l in layers], ranks, widths, narrow)
+        v_sides = self._augment_sides([l.V for l in layers], ranks, widths, narrow)
+        u_factor, v_factor = self._in_batch_order(u_sides, "r_factor"), self._in_batch_order(v_sides, "r_factor")
+        s = u_factor @ batch.s @ v_factor.mT  # S in the augmented bases
+        step = group["lr"] * self._augmentation_gains(batch, ranks.to(s.dtype), group)
+        s = augmented_coefficients(s, self._in_batch_order(u_sides, "projections"),
+                                   self._in_batch_order(v_sides, "projections").mT, ranks, widths, step)
+        # Columns an augmented basis leaves out are zero. A partial identity between the columns in use,
+        # at rounding size, makes the SVD put the singular vectors of zero singular values there (they
+        # are kept when min_rank asks for more than the nonzero ones), never on a zero column.
+        u_valid, v_valid = self._in_batch_order(u_sides, "valid"), self._in_batch_order(v_sides, "valid")
+        nudge = 10 * torch.finfo(s.dtype).eps * (torch.linalg.matrix_norm(s) + 1e-20).view(-1, 1, 1)
+        left, sigma, right_t = torch.linalg.svd(s + nudge * matched_identity(u_valid, v_valid).to(s.dtype))
+        sigma = torch.where(sigma > 2 * nudge.view(-1, 1), sigma, 0.0)
+        capacity = torch.minimum(u_valid.sum(-1), v_valid.sum(-1))
+        return _Decomposed(batch, u_sides, v_sides, u_factor, v_factor, left, sigma, right_t.mT, capacity)
+
+    def _truncate(self, decomposed: list[_Decomposed]) -> None:
         """New ranks for every layer (one host sync), then rotate and cut the factors and moments."""
+        layers = [layer for d in decomposed for layer in d.batch.layers]
         if self.rank_budget is not None:
-            flat = torch.cat([b.sigma.flatten() for b in batches]).double().cpu()  # the one host sync
-            sigmas = [row for chunk, b in zip(flat.split([b.sigma.numel() for b in batches]), batches)
-                      for row in chunk.view(b.sigma.shape)]
-            lengths = [min(2 * r, l.max_rank) for b in batches for l, r in zip(b.layers, b.ranks)]
-            layers = [layer for b in batches for layer in b.layers]
-            new_ranks = budget_ranks([s[:n] for s, n in zip(sigmas, lengths)], self.rank_budget,
+            # Per layer: its singular values, then its capacity; batches may differ in R.
+            rows = [torch.cat([d.sigma, d.capacity.unsqueeze(-1).to(d.sigma.dtype)], -1) for d in decomposed]
+            flat = torch.cat([row.flatten() for row in rows]).double().cpu()  # the one host sync
+            rows = [row for chunk, d in zip(flat.split([row.numel() for row in rows]), decomposed)
+                    for row in chunk.view(len(d.batch.layers), -1)]
+            ranks = [r for d in decomposed for r in d.batch.ranks]
+            lengths = [min(2 * r, layer.max_rank, int(row[-1])) for r, layer, row in zip(ranks, layers, rows)]
+            new_ranks = budget_ranks([row[:n] for row, n in zip(rows, lengths)], self.rank_budget,
                                      [l.min_rank for l in layers], [l.max_rank for l in layers])
         else:  # one config per model: tau and the rank limits are those of the batch's first layer
-            new_ranks = torch.cat([truncation_ranks(b.sigma, b.layers[0].tau, b.layers[0].min_rank,
-                                                    b.layers[0].max_rank) for b in batches]).tolist()  # the sync
+            new_ranks = torch.cat([torch.minimum(truncation_ranks(d.sigma, d.batch.layers[0].tau,
+                                                                  d.batch.layers[0].min_rank,
+                                                                  d.batch.layers[0].max_rank), d.capacity)
+                                   for d in decomposed]).tolist()  # the sync
         start = 0
-        for batch in batches:
-            layers, sigma = batch.layers, batch.sigma
-            host_ranks = new_ranks[start:start + len(layers)]
-            start += len(layers)
+        for d in decomposed:
+            members, sigma = d.batch.layers, d.sigma
+            host_ranks = new_ranks[start:start + len(members)]
+            start += len(members)
             keep = columns_in_use(torch.tensor(host_ranks, device=sigma.device), sigma.shape[-1]).to(sigma.dtype)
-            block = keep.unsqueeze(-1) * keep.unsqueeze(-2)
-            # Rotations with the basis signs folded in, zero beyond the new rank (as the layers keep them).
-            left = batch.u_signs.unsqueeze(-1) * batch.left * keep.unsqueeze(-2)
-            right = batch.v_signs.unsqueeze(-1) * batch.right * keep.unsqueeze(-2)
-            torch._foreach_copy_([l.U for l in layers], list((batch.u @ left).unbind()))
-            torch._foreach_copy_([l.V for l in layers], list((batch.v @ right).unbind()))
-            torch._foreach_copy_([l.S for l in layers], list(torch.diag_embed(sigma * keep).unbind()))
-            for key, moved in self._transported_moments(batch).items():
-                torch._foreach_copy_([self.state[l.S][key] for l in layers], list((moved * block).unbind()))
-            for layer, rank in zip(layers, host_ranks):
+            # Rotations zero beyond the new rank (as the layers keep them).
+            for sides, rotation in ((d.u_sides, d.left * keep.unsqueeze(-2)), (d.v_sides, d.right * keep.unsqueeze(-2))):
+                for side in sides:
+                    new = side.augmented.columns @ (side.augmented.mix @ rotation[side.members])
+                    torch._foreach_copy_(side.factors, list(new.unbind()))
+            torch._foreach_copy_([l.S for l in members], list(torch.diag_embed(sigma * keep).unbind()))
+            self._transport_moments(d, keep.unsqueeze(-1) * keep.unsqueeze(-2))
+            for layer, rank in zip(members, host_ranks):
                 layer.rank = rank
 
-    def _transported_moments(self, batch: _Decomposed) -> dict[str, torch.Tensor]:
-        """Adam moments of S carried into the new bases (all columns; callers mask): first into the
-        augmented bases as S is (through the QR factors), then along the kept singular vectors."""
+    def _transport_moments(self, d: _Decomposed, block: torch.Tensor) -> None:
+        """Adam moments of S carried into the new bases and cut to the new ranks (``block``): first into
+        the augmented bases as S is (through the QR factors), then along the kept singular vectors."""
+        states = [self.state[l.S] for l in d.batch.layers]
         if self.moment_transport == "reset":
-            for layer in batch.layers:
-                self.state[layer.S].clear()
-            return {}
-        states = [self.state[l.S] for l in batch.layers]
-        moved = {}
-        if "exp_avg" in states[0]:
-            first = batch.u_factor @ torch.stack([s["exp_avg"] for s in states]) @ batch.v_factor.mT
-            moved["exp_avg"] = transport_first_moment(first, batch.left, batch.right)
-        if "exp_avg_sq" in states[0]:
-            second = batch.u_factor ** 2 @ torch.stack([s["exp_avg_sq"] for s in states]) @ (batch.v_factor ** 2).mT
-            moved["exp_avg_sq"] = transport_second_moment(second, batch.left, batch.right)
-        return moved
+            for state in states:
+                state.clear()
+            return
+        moments = {key: states[0][key]._base for key in ("exp_avg", "exp_avg_sq") if key in states[0]}
+        if "exp_avg" in moments:
+            first = d.u_factor @ moments["exp_avg"] @ d.v_factor.mT
+            moments["exp_avg"].copy_(transport_first_moment(first, d.left, d.right) * block)
+        if "exp_avg_sq" in moments:
+            second = d.u_factor ** 2 @ moments["exp_avg_sq"] @ (d.v_factor ** 2).mT
+            moments["exp_avg_sq"].copy_(transport_second_moment(second, d.left, d.right) * block)

@@ -1,8 +1,8 @@
 """The pure functions of the step, tested alone."""
 import torch
 
-from geolora.linalg import (augment_bases, augmented_coefficients, budget_ranks, random_orthonormal,
-                            transport_first_moment, transport_second_moment, truncation_ranks)
+from geolora.linalg import (augment_bases, augmented_coefficients, budget_ranks, matched_identity, random_orthonormal,
+                            relative_pivots, transport_first_moment, transport_second_moment, truncation_ranks)
 
 
 def test_random_orthonormal_is_orthonormal():
@@ -19,42 +19,87 @@ def _padded(columns: list[torch.Tensor], width: int, beyond=torch.zeros) -> torc
 
 
 def _augment(bases: list[torch.Tensor], directions: list[torch.Tensor], widths: list[int], width: int = 8):
-    """Bases zero beyond their rank (as the layers keep them); directions with junk there (ignored)."""
+    """Bases zero beyond their rank (as the layers keep them); directions with junk there (ignored).
+    Returns the augmented bases (formed) and the factored result."""
     ranks = torch.tensor([b.shape[1] for b in bases])
-    return augment_bases(_padded(bases, width), _padded(directions, width, torch.randn), ranks, torch.tensor(widths))
+    result = augment_bases(_padded(bases, width), _padded(directions, width, torch.randn), ranks, torch.tensor(widths))
+    return result.columns @ result.mix, result
+
+
+def _assert_orthonormal_where_valid(aug: torch.Tensor, valid: torch.Tensor, atol: float = 1e-5) -> None:
+    assert torch.allclose(aug.mT @ aug, torch.diag_embed(valid.to(aug.dtype)), atol=atol)
 
 
 def test_augmented_bases_are_orthonormal_and_contain_the_basis_even_for_degenerate_directions():
     u = [random_orthonormal(30, r) for r in (2, 4, 5)]
     for make in (torch.randn, torch.zeros):
         for widths in ([0, 0, 0], [1, 3, 2], [2, 4, 3]):
-            aug, signs, r_factor = _augment(u, [make(30, r) for r in (2, 4, 5)], widths)
-            aug = aug * signs.unsqueeze(-2)
+            aug, result = _augment(u, [make(30, r) for r in (2, 4, 5)], widths)
             assert aug.shape == (3, 30, 8)
-            assert torch.allclose(aug.mT @ aug, torch.eye(8).expand(3, 8, 8), atol=1e-5)
+            expected_valid = [r + (w if make is torch.randn else 0) for r, w in zip((2, 4, 5), widths)]
+            assert result.valid.sum(-1).tolist() == expected_valid
+            _assert_orthonormal_where_valid(aug, result.valid)
             for i, (basis, r) in enumerate(zip(u, (2, 4, 5))):
+                r_factor = result.r_factor
                 assert torch.allclose(aug[i, :, :r] @ r_factor[i, :r, :r], basis, atol=1e-6)
                 assert torch.allclose(r_factor[i, :r, :r], torch.eye(r), atol=1e-5)
                 assert r_factor[i, r:].abs().sum() == 0 and r_factor[i, :, r:].abs().sum() == 0
     inside = u[1] @ torch.randn(4, 4)  # directions in the span of the basis: nothing new to add
-    aug = _augment([u[1]], [inside], [4])[0]
-    assert torch.allclose(aug[0].mT @ aug[0], torch.eye(8), atol=1e-5)
+    aug, result = _augment([u[1]], [inside], [4])
+    assert result.valid.sum() == 4
+    _assert_orthonormal_where_valid(aug, result.valid)
+
+
+def test_augmented_basis_spans_badly_scaled_directions_in_float32():
+    """Gradient columns of very different sizes, one mostly along another: orthonormal, still spanned."""
+    g = torch.Generator().manual_seed(3)
+    u = random_orthonormal(200, 4, generator=g)
+    directions = torch.randn(200, 4, generator=g) * torch.tensor([1e3, 1.0, 1e-4, 1e-8])
+    directions[:, 1] += 1e2 * directions[:, 0] / 1e3  # 99% along column 0
+    aug, result = _augment([u], [directions], [4])
+    assert bool(result.valid.all())
+    _assert_orthonormal_where_valid(aug, result.valid)
+    projected = directions - u @ (u.T @ directions)
+    new = aug[0, :, 4:]
+    assert torch.allclose(new @ (new.T @ projected), projected, atol=1e-5 * projected.norm(dim=0).max())
+    scale = directions.norm(dim=0).max()
+    assert torch.allclose(result.projections[0, :, :4], aug[0].T @ directions, atol=1e-5 * scale)
+
+
+def test_relative_pivots_measure_what_is_new_in_each_column():
+    g = torch.Generator().manual_seed(4)
+    a = torch.randn(50, 3, generator=g, dtype=torch.float64)
+    x = torch.stack([a[:, 0], 2 * a[:, 0] + 1e-3 * a[:, 1], torch.zeros(50, dtype=torch.float64), a[:, 2]], 1)
+    gram = (x.T @ x).unsqueeze(0)
+    pivots = relative_pivots(gram, torch.diagonal(gram, dim1=-2, dim2=-1), 1e-16)[0]
+    assert abs(pivots[0] - 1) < 1e-12 and abs(pivots[2]) < 1e-12
+    assert 1e-8 < pivots[1] < 1e-6  # new part of column 1: about 1e-3 / 2 of its norm, squared
+    assert 0.5 < pivots[3] <= 1 + 1e-12
+
+
+def test_matched_identity_pairs_valid_rows_and_columns_in_order():
+    rows = torch.tensor([[True, False, True, True]])
+    cols = torch.tensor([[False, True, True, False]])
+    expected = torch.zeros(1, 4, 4, dtype=torch.bool)
+    expected[0, 0, 1] = expected[0, 2, 2] = True
+    assert torch.equal(matched_identity(rows, cols), expected)
 
 
 def test_augmented_basis_reorthonormalises_a_drifted_basis():
     u = random_orthonormal(30, 4) * (1 + 1e-4)
-    aug, signs, r_factor = _augment([u], [torch.randn(30, 4)], [2])
-    aug = aug * signs.unsqueeze(-2)
-    assert torch.allclose(aug[0].mT @ aug[0], torch.eye(8), atol=1e-6)
-    assert torch.allclose(aug[0, :, :4] @ r_factor[0, :4, :4], u, atol=1e-6)
+    aug, result = _augment([u], [torch.randn(30, 4)], [2])
+    _assert_orthonormal_where_valid(aug, result.valid, atol=1e-6)
+    assert torch.allclose(aug[0, :, :4] @ result.r_factor[0, :4, :4], u, atol=1e-6)
 
 
 def test_augmented_basis_spans_projected_directions():
     u = random_orthonormal(30, 4)
     directions = torch.randn(30, 4)
-    new = _augment([u], [directions], [4])[0][0, :, 4:8]
+    aug, result = _augment([u], [directions], [4])
+    new = aug[0, :, 4:8]
     projected = directions - u @ (u.T @ directions)
     assert torch.allclose(new @ (new.T @ projected), projected, atol=1e-5)
+    assert torch.allclose(result.projections[0, :, :4], aug[0].T @ directions, atol=1e-5)
 
 
 def test_augmented_basis_keeps_dominant_directions_when_narrow():

@@ -212,7 +212,9 @@ def _adam_state(opt, layer):
 def test_adam_first_moment_is_rotated_with_the_basis():
     """With no rank change the moment seen in weight space, U m V^T, is kept through the rotation."""
     x, y = least_squares()
-    model = adapted_linear(init_rank=5, max_rank=5, tau=0.0)  # r = R: no augmentation, pure rotation
+    # r = R = min_rank: no augmentation, no rank change, a pure rotation (the first Adam step
+    # -lr sign(g) is rank deficient here: min_rank keeps its zero singular directions, in the bases).
+    model = adapted_linear(init_rank=5, max_rank=5, min_rank=5, tau=0.0)
     layer = model[0]
     opt = geolora.GeoLoRAOptimizer(model, lr=0.05, betas=(0.9, 0.999))
     mse(model, x, y).backward()
