@@ -27,13 +27,14 @@ def columns_in_use(ranks: torch.Tensor, width: int) -> torch.Tensor:
 def relative_pivots(gram: torch.Tensor, norms: torch.Tensor, eps: float) -> torch.Tensor:
     """For the Gram matrix of columns p_1..p_R (B x R x R) and reference squared norms (B x R): the
     squared distance of each ``p_j / sqrt(norms_j)`` from the span of the columns before it (0 for a
-    zero column). Resolved down to about ``10 eps`` (a diagonal shift of that size keeps the Cholesky
-    factorisation defined whatever the rounding of ``gram``)."""
+    zero column). ``gram`` is taken as accurate to ``eps`` relative to its diagonal: a diagonal shift
+    of ten times that keeps the Cholesky factorisation defined whatever the rounding."""
     gram = gram.double()
     scale = torch.where(norms > 0, norms.double().clamp_min(1e-300).rsqrt(), 0.0)
-    shift = 10 * eps * torch.eye(gram.shape[-1], dtype=gram.dtype, device=gram.device)
-    factor = torch.linalg.cholesky_ex(scale.unsqueeze(-1) * gram * scale.unsqueeze(-2) + shift).L
-    return torch.diagonal(factor, dim1=-2, dim2=-1) ** 2 - 10 * eps
+    scaled = scale.unsqueeze(-1) * gram * scale.unsqueeze(-2)
+    shift = 10 * eps * torch.diagonal(scaled, dim1=-2, dim2=-1) + 1e-30
+    factor = torch.linalg.cholesky_ex(scaled + torch.diag_embed(shift)).L
+    return torch.diagonal(factor, dim1=-2, dim2=-1) ** 2 - shift
 
 
 def masked_cholesky(gram: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -60,7 +61,8 @@ class Augmented(NamedTuple):
 
 
 def augment_bases(bases: torch.Tensor, directions: torch.Tensor, ranks: torch.Tensor, widths: torch.Tensor,
-                  narrow: torch.Tensor | None = None) -> Augmented:
+                  narrow: torch.Tensor | None = None, out: torch.Tensor | None = None,
+                  overwrite_directions: bool = False) -> Augmented:
     """Extend each basis by up to ``widths[i]`` directions of ``(I - B B^T) directions``, for a stack of
     same-shaped layers of different ranks held in fixed-size buffers.
 
@@ -74,38 +76,47 @@ def augment_bases(bases: torch.Tensor, directions: torch.Tensor, ranks: torch.Te
     basis and the stronger directions is below ``sqrt(100 eps)`` of its norm: 0.35% in float32) is
     left out: its column is zero and not ``valid``; what it loses is below that relative size.
 
-    The n-sized data is read by five batched matmuls: ``B^T D`` and ``D^T D``; the columns
-    ``B T_1 + D T_2`` with ``T_1, T_2`` from those small Gram matrices (float64); their Gram matrix,
-    whose Cholesky factor gives ``mix`` (CholeskyQR2: the second factorisation removes the first one's
-    rounding). ``narrow`` lists the items with ``widths[i] < ranks[i]`` (the only ones that need the
-    ordering); callers that know them on the host pass them, which spares a device sync.
+    The n-sized data is read by six batched matmuls: ``B^T D``; the projection ``P = D - B B^T D``
+    (explicit, so a gradient lying mostly in the basis loses no precision to cancellation) and its Gram
+    matrix; the columns ``B + P T`` with ``T`` from that R x R Gram matrix (float64); their Gram
+    matrix, whose Cholesky factor gives ``mix`` (CholeskyQR2: the second factorisation removes the
+    first one's rounding); later the product with the rotation. ``narrow`` lists the items with
+    ``widths[i] < ranks[i]`` (the only ones that need the ordering); callers that know them on the
+    host pass them, which spares a device sync. ``out`` (B x n x R) receives the columns, and with
+    ``overwrite_directions`` the projection is written over ``directions``: callers that step every
+    iteration reuse their buffers.
     """
     dtype, width = bases.dtype, bases.shape[-1]
     eps = torch.finfo(dtype).eps
     in_use = columns_in_use(ranks, width)
     old = in_use.double()
     old_block = old.unsqueeze(-1) * old.unsqueeze(-2)
-    overlap_raw = (bases.mT @ directions).double() * old_block  # B^T D
-    gram_raw = (directions.mT @ directions).double() * old_block  # D^T D
-    projected = gram_raw - overlap_raw.mT @ overlap_raw  # Gram of (I - B B^T) D
+    overlap = bases.mT @ directions  # B^T D
+    projection = (directions if overwrite_directions else directions.clone()).baddbmm_(bases, overlap, alpha=-1)
+    overlap = overlap.double() * old_block
+    projected_gram = (projection.mT @ projection).double() * old_block  # P^T P
     slot = torch.arange(width, device=bases.device)
     # place[j, r + j] = 1 for j < a: direction j becomes augmented column r + j.
     place = ((slot.view(1, -1, 1) + ranks.view(-1, 1, 1) == slot.view(1, 1, -1))
              & (slot.view(1, -1, 1) < widths.view(-1, 1, 1))).double()
     narrow = torch.nonzero(widths < ranks).flatten() if narrow is None else narrow
     if narrow.numel():  # strongest directions first: eigenvectors of their projected Gram matrix
-        ordered = torch.linalg.eigh(projected[narrow])[1].flip(-1) * old[narrow].unsqueeze(-1) @ place[narrow]
+        ordered = torch.linalg.eigh(projected_gram[narrow])[1].flip(-1) * old[narrow].unsqueeze(-1) @ place[narrow]
         place = place.index_copy(0, narrow, ordered)
-    candidates = place.mT @ projected @ place
-    norms = torch.diagonal(place.mT @ gram_raw @ place, dim1=-2, dim2=-1)
+    candidates = place.mT @ projected_gram @ place
+    norms = torch.diagonal(candidates + place.mT @ overlap.mT @ overlap @ place, dim1=-2, dim2=-1)  # |D place|^2
     new = columns_in_use(ranks + widths, width) & ~in_use & (relative_pivots(candidates, norms, eps) >= 100 * eps)
     _, orthonormalise = masked_cholesky(candidates, new)
-    on_directions = place @ orthonormalise
-    on_bases = torch.diag_embed(old) - overlap_raw @ on_directions
-    columns = torch.baddbmm(bases @ on_bases.to(dtype), directions, on_directions.to(dtype))
-    valid = in_use | new
-    lower, mix = masked_cholesky((columns.mT @ columns).double(), valid)
-    projections = mix.mT @ (on_bases.mT @ overlap_raw + on_directions.mT @ gram_raw)
+    on_projection = place @ orthonormalise
+    columns = torch.baddbmm(bases, projection, on_projection.to(dtype), out=out)
+    # The new columns are orthonormal up to the rounding of the small Gram matrices, which a direction
+    # that lies almost in the span of the others (a few in 1/sqrt(eps)) can blow up: such a column comes
+    # out far from unit length or far from orthogonal and is left out too.
+    gram = (columns.mT @ columns).double()
+    sound = relative_pivots(gram, torch.diagonal(gram, dim1=-2, dim2=-1), eps) > 0.5
+    valid = in_use | (new & sound)
+    lower, mix = masked_cholesky(gram, valid)
+    projections = mix.mT @ (overlap + on_projection.mT @ projected_gram)  # columns^T D = B^T D + T^T P^T P
     return Augmented(columns, mix.to(dtype), (lower.mT * old_block).to(dtype), projections.to(dtype), valid)
 
 

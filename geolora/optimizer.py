@@ -47,19 +47,19 @@ class _Batch(NamedTuple):
 
 
 class _Side(NamedTuple):
-    """The U (or the V) factors of a batch's layers that share a shape: augmented in one call."""
+    """The factors (U or V) of a batch that share a shape: augmented in one call."""
 
     factors: list[nn.Parameter]
-    members: torch.Tensor  # their layers' positions in the batch
+    members: torch.Tensor  # their positions in the batch's factor list [U_1..U_B, V_1..V_B]
     augmented: Augmented
+    scratch: torch.Tensor  # a free buffer of the factors' stacked shape
 
 
 class _Decomposed(NamedTuple):
     """One batch after the augmented SVD, before truncation."""
 
     batch: _Batch
-    u_sides: list[_Side]
-    v_sides: list[_Side]
+    sides: list[_Side]
     u_factor: torch.Tensor  # old basis = augmented[:, :r] @ factor, B x R x R
     v_factor: torch.Tensor
     left: torch.Tensor  # singular vectors of the augmented coefficients, B x R x R
@@ -105,6 +105,7 @@ class GeoLoRAOptimizer(torch.optim.Optimizer):
         self.precondition_augmentation = precondition_augmentation
         self.coefficient_steps = config.coefficient_steps
         self.rank_budget = config.rank_budget
+        self._buffers: dict[tuple, torch.Tensor] = {}
 
     @torch.no_grad()
     def step(self, closure: Callable[[], torch.Tensor] | None = None) -> torch.Tensor | None:
@@ -159,7 +160,12 @@ class GeoLoRAOptimizer(torch.optim.Optimizer):
         the rank x rank block their gradient, moments and values are zero, so the step leaves them zero."""
         lr, wd = group["lr"], group["weight_decay"]
         exp_avg = moments["exp_avg"]
-        if self.base_optimizer == "adamw":
+        if self.base_optimizer == "adamw" and isinstance(steps, int):  # one fused pass over the data
+            beta1, beta2 = group["betas"]
+            step = torch.tensor(float(steps), device=param.device)
+            torch._fused_adamw_([param], [grad], [exp_avg], [moments["exp_avg_sq"]], [], [step], lr=lr, beta1=beta1,
+                                beta2=beta2, weight_decay=wd, eps=group["eps"], amsgrad=False, maximize=False)
+        elif self.base_optimizer == "adamw":
             beta1, beta2 = group["betas"]
             exp_avg_sq = moments["exp_avg_sq"]
             if wd:
@@ -211,55 +217,64 @@ class GeoLoRAOptimizer(torch.optim.Optimizer):
         bias = torch.tensor(bias, dtype=second.dtype, device=second.device)
         return 1.0 / ((second / bias).sqrt() + group["eps"]).view(-1, 1, 1)
 
-    @staticmethod
-    def _augment_sides(factors: list[nn.Parameter], ranks: torch.Tensor, widths: torch.Tensor,
-                       narrow: list[bool]) -> list[_Side]:
-        """Augment the bases ``factors`` (one per layer of a batch) by their gradients (the K- or
+    def _scratch(self, role: str, shape: tuple, like: torch.Tensor) -> torch.Tensor:
+        """A buffer kept across steps: on CPU a fresh allocation of the stacked n-sized factors each
+        step costs page faults that rival the arithmetic done with them."""
+        key = (role, shape, like.dtype, like.device)
+        if key not in self._buffers:
+            self._buffers[key] = torch.empty(shape, dtype=like.dtype, device=like.device)
+        return self._buffers[key]
+
+    def _augment_sides(self, factors: list[nn.Parameter], ranks: list[int], widths: list[int], device) -> list[_Side]:
+        """Augment the bases ``factors`` (U and V factors alike) by their gradients (the K- and
         L-gradients), one call per factor shape."""
         by_shape: dict[torch.Size, list[int]] = {}
         for position, factor in enumerate(factors):
             by_shape.setdefault(factor.shape, []).append(position)
         sides = []
         for positions in by_shape.values():
-            members = torch.tensor(positions, device=ranks.device)
-            narrow_items = torch.tensor([i for i, p in enumerate(positions) if narrow[p]], dtype=torch.long,
-                                        device=ranks.device)
-            augmented = augment_bases(torch.stack([factors[p] for p in positions]),
-                                      torch.stack([factors[p].grad for p in positions]),
-                                      ranks[members], widths[members], narrow_items)
-            sides.append(_Side([factors[p] for p in positions], members, augmented))
+            members = torch.tensor(positions, device=device)
+            narrow = torch.tensor([i for i, p in enumerate(positions) if widths[p] < ranks[p]], dtype=torch.long,
+                                  device=device)
+            chosen = [factors[p] for p in positions]
+            shape = (len(chosen), *chosen[0].shape)
+            bases = torch.stack(chosen, out=self._scratch("bases", shape, chosen[0]))
+            directions = torch.stack([f.grad for f in chosen], out=self._scratch("directions", shape, chosen[0]))
+            augmented = augment_bases(bases, directions, torch.tensor([ranks[p] for p in positions], device=device),
+                                      torch.tensor([widths[p] for p in positions], device=device), narrow,
+                                      out=self._scratch("columns", shape, chosen[0]), overwrite_directions=True)
+            sides.append(_Side(chosen, members, augmented, scratch=bases))
         return sides
 
     @staticmethod
-    def _in_batch_order(sides: list[_Side], field: str) -> torch.Tensor:
-        """A small per-layer field of the sides' augmentations, in the batch's layer order."""
+    def _in_batch_order(sides: list[_Side], field: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """A small per-factor field of the sides' augmentations, for the batch's U and V factors."""
         values = torch.cat([getattr(side.augmented, field) for side in sides])
         order = torch.cat([side.members for side in sides])
-        return torch.empty_like(values).index_copy_(0, order, values)
+        return torch.empty_like(values).index_copy_(0, order, values).chunk(2)
 
     def _augmented_svd(self, batch: _Batch, group: dict) -> _Decomposed:
         """For a batch of layers: augmented bases and the SVD (P, sigma, Q) of the augmented
         coefficient matrices, all at the fixed size R (the layers' maximum rank)."""
         layers, device, max_rank = batch.layers, batch.s.device, batch.layers[0].max_rank
         host_widths = [min(r, max_rank - r) for r in batch.ranks]
-        narrow = [w < r for w, r in zip(host_widths, batch.ranks)]
+        sides = self._augment_sides([l.U for l in layers] + [l.V for l in layers], batch.ranks * 2, host_widths * 2,
+                                    device)
         ranks, widths = torch.tensor(batch.ranks, device=device), torch.tensor(host_widths, device=device)
-        u_sides = self._augment_sides([l.U for l in layers], ranks, widths, narrow)
-        v_sides = self._augment_sides([l.V for l in layers], ranks, widths, narrow)
-        u_factor, v_factor = self._in_batch_order(u_sides, "r_factor"), self._in_batch_order(v_sides, "r_factor")
+        u_factor, v_factor = self._in_batch_order(sides, "r_factor")
         s = u_factor @ batch.s @ v_factor.mT  # S in the augmented bases
         step = group["lr"] * self._augmentation_gains(batch, ranks.to(s.dtype), group)
-        s = augmented_coefficients(s, self._in_batch_order(u_sides, "projections"),
-                                   self._in_batch_order(v_sides, "projections").mT, ranks, widths, step)
+        u_projections, v_projections = self._in_batch_order(sides, "projections")
+        s = augmented_coefficients(s, u_projections, v_projections.mT, ranks, widths, step)
         # Columns an augmented basis leaves out are zero. A partial identity between the columns in use,
         # at rounding size, makes the SVD put the singular vectors of zero singular values there (they
         # are kept when min_rank asks for more than the nonzero ones), never on a zero column.
-        u_valid, v_valid = self._in_batch_order(u_sides, "valid"), self._in_batch_order(v_sides, "valid")
+        u_valid, v_valid = self._in_batch_order(sides, "valid")
         nudge = 10 * torch.finfo(s.dtype).eps * (torch.linalg.matrix_norm(s) + 1e-20).view(-1, 1, 1)
         left, sigma, right_t = torch.linalg.svd(s + nudge * matched_identity(u_valid, v_valid).to(s.dtype))
         sigma = torch.where(sigma > 2 * nudge.view(-1, 1), sigma, 0.0)
         capacity = torch.minimum(u_valid.sum(-1), v_valid.sum(-1))
-        return _Decomposed(batch, u_sides, v_sides, u_factor, v_factor, left, sigma, right_t.mT, capacity)
+        return _Decomposed(batch, sides, u_factor, v_factor, left, sigma, right_t.mT, capacity)
 
     def _truncate(self, decomposed: list[_Decomposed]) -> None:
         """New ranks for every layer (one host sync), then rotate and cut the factors and moments."""
@@ -286,10 +301,10 @@ class GeoLoRAOptimizer(torch.optim.Optimizer):
             start += len(members)
             keep = columns_in_use(torch.tensor(host_ranks, device=sigma.device), sigma.shape[-1]).to(sigma.dtype)
             # Rotations zero beyond the new rank (as the layers keep them).
-            for sides, rotation in ((d.u_sides, d.left * keep.unsqueeze(-2)), (d.v_sides, d.right * keep.unsqueeze(-2))):
-                for side in sides:
-                    new = side.augmented.columns @ (side.augmented.mix @ rotation[side.members])
-                    torch._foreach_copy_(side.factors, list(new.unbind()))
+            rotations = torch.cat([d.left, d.right]) * keep.repeat(2, 1).unsqueeze(-2)
+            for side in d.sides:
+                new = torch.bmm(side.augmented.columns, side.augmented.mix @ rotations[side.members], out=side.scratch)
+                torch._foreach_copy_(side.factors, list(new.unbind()))
             torch._foreach_copy_([l.S for l in members], list(torch.diag_embed(sigma * keep).unbind()))
             self._transport_moments(d, keep.unsqueeze(-1) * keep.unsqueeze(-2))
             for layer, rank in zip(members, host_ranks):
