@@ -49,53 +49,66 @@ def masked_cholesky(gram: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tens
 
 
 class Augmented(NamedTuple):
-    """Augmented bases of a stack of layers in factored form: ``augmented = columns @ mix``
-    (B x n x R). The n-sized ``columns`` are formed once; callers fold the small ``mix`` into whatever
-    multiplies them, so the orthonormal basis itself never costs a pass over n-sized data."""
+    """Augmented bases of stacks of layers in factored form: for each group g of same-sized bases,
+    ``augmented_g = columns[g] @ mix[items of g]`` (B_g x n_g x R). The n-sized ``columns`` are formed
+    once; the small ``mix`` is folded into whatever multiplies them (``product``), so the orthonormal
+    basis itself never costs a pass over n-sized data. Small fields cover all groups' items in order."""
 
-    columns: torch.Tensor  # B x n x R
+    columns: list[torch.Tensor]
     mix: torch.Tensor  # B x R x R, upper triangular
     r_factor: torch.Tensor  # basis[:, :r] = augmented[:, :r] @ r_factor[:r, :r]; zero outside r x r
     projections: torch.Tensor  # augmented^T directions (B x R x R; directions' columns beyond r: zero)
     valid: torch.Tensor  # B x R bool: columns of the augmented basis in use; the others are zero
 
+    def product(self, rotation: torch.Tensor, out: list[torch.Tensor | None] | None = None) -> list[torch.Tensor]:
+        """``augmented_g @ rotation[items of g]`` for each group (``rotation`` B x R x R)."""
+        small = (self.mix @ rotation).split([c.shape[0] for c in self.columns])
+        return [torch.bmm(c, m, out=o) for c, m, o in zip(self.columns, small, out or [None] * len(self.columns))]
 
-def augment_bases(bases: torch.Tensor, directions: torch.Tensor, ranks: torch.Tensor, widths: torch.Tensor,
-                  narrow: torch.Tensor | None = None, out: torch.Tensor | None = None,
+
+def augment_bases(bases: list[torch.Tensor], directions: list[torch.Tensor], ranks: torch.Tensor,
+                  widths: torch.Tensor, narrow: torch.Tensor | None = None, out: list[torch.Tensor] | None = None,
                   overwrite_directions: bool = False) -> Augmented:
-    """Extend each basis by up to ``widths[i]`` directions of ``(I - B B^T) directions``, for a stack of
-    same-shaped layers of different ranks held in fixed-size buffers.
+    """Extend each basis by up to ``widths[i]`` directions of ``(I - B B^T) directions``, for stacks of
+    layers of different ranks held in fixed-size buffers.
 
-    ``bases`` and ``directions`` are B x n x R; layer i uses its first ``ranks[i]`` columns of each and
-    needs ``ranks[i] + widths[i] <= R <= n``. Columns of ``bases`` beyond the rank must be zero (the
-    layers keep them so); those of ``directions`` are ignored. The augmented basis has orthonormal
-    ``valid`` columns: the first r span the basis (``r_factor`` is I up to the rounding the basis has
-    accumulated, so every step re-orthonormalises it for free); the next ``widths[i]`` hold the
-    strongest projected directions (ordered by strength, eigenvectors of their Gram matrix, when fewer
-    columns than directions fit). A direction that adds almost nothing new (zero, or its part outside the
-    basis and the stronger directions is below ``sqrt(100 eps)`` of its norm: 0.35% in float32) is
-    left out: its column is zero and not ``valid``; what it loses is below that relative size.
+    ``bases[g]`` and ``directions[g]`` are B_g x n_g x R (groups may differ in n, not in R); ``ranks``,
+    ``widths`` and the results run over the groups' items in order. Item i uses the first ``ranks[i]``
+    columns of its basis and directions and needs ``ranks[i] + widths[i] <= R <= n``. Columns of a
+    basis beyond the rank must be zero (the layers keep them so); those of the directions are ignored.
+    The augmented basis has orthonormal ``valid`` columns: the first r span the basis (``r_factor`` is
+    I up to the rounding the basis has accumulated, so every step re-orthonormalises it for free); the
+    next ``widths[i]`` hold the strongest projected directions (ordered by strength, eigenvectors of
+    their Gram matrix, when fewer columns than directions fit). A direction that adds almost nothing
+    new (zero, or its part outside the basis and the stronger directions is below ``sqrt(100 eps)`` of
+    its norm: 0.35% in float32) is left out: its column is zero and not ``valid``; what it loses is
+    below that relative size.
 
-    The n-sized data is read by six batched matmuls: ``B^T D``; the projection ``P = D - B B^T D``
-    (explicit, so a gradient lying mostly in the basis loses no precision to cancellation) and its Gram
-    matrix; the columns ``B + P T`` with ``T`` from that R x R Gram matrix (float64); their Gram
-    matrix, whose Cholesky factor gives ``mix`` (CholeskyQR2: the second factorisation removes the
-    first one's rounding); later the product with the rotation. ``narrow`` lists the items with
-    ``widths[i] < ranks[i]`` (the only ones that need the ordering); callers that know them on the
-    host pass them, which spares a device sync. ``out`` (B x n x R) receives the columns, and with
-    ``overwrite_directions`` the projection is written over ``directions``: callers that step every
-    iteration reuse their buffers.
+    The n-sized data is read by six batched matmuls per group: ``B^T D``; the projection
+    ``P = D - B B^T D`` (explicit, so a gradient lying mostly in the basis loses no precision to
+    cancellation) and its Gram matrix; the columns ``B + P T`` with ``T`` from that R x R Gram matrix
+    (float64); their Gram matrix, whose Cholesky factor gives ``mix`` (CholeskyQR2: the second
+    factorisation removes the first one's rounding); later the product with the rotation. The small
+    linear algebra runs once for all groups. ``narrow`` lists the items with ``widths[i] < ranks[i]``
+    (the only ones that need the ordering); callers that know them on the host pass them, which spares
+    a device sync. ``out[g]`` receives group g's columns, and with ``overwrite_directions`` the
+    projection is written over the directions: callers that step every iteration reuse their buffers.
     """
-    dtype, width = bases.dtype, bases.shape[-1]
+    dtype, width = bases[0].dtype, bases[0].shape[-1]
     eps = torch.finfo(dtype).eps
     in_use = columns_in_use(ranks, width)
     old = in_use.double()
     old_block = old.unsqueeze(-1) * old.unsqueeze(-2)
-    overlap = bases.mT @ directions  # B^T D
-    projection = (directions if overwrite_directions else directions.clone()).baddbmm_(bases, overlap, alpha=-1)
-    overlap = overlap.double() * old_block
-    projected_gram = (projection.mT @ projection).double() * old_block  # P^T P
-    slot = torch.arange(width, device=bases.device)
+    projections_of, overlaps, grams = [], [], []
+    for basis, direction in zip(bases, directions):
+        overlap = basis.mT @ direction  # B^T D
+        projection = (direction if overwrite_directions else direction.clone()).baddbmm_(basis, overlap, alpha=-1)
+        projections_of.append(projection)
+        overlaps.append(overlap)
+        grams.append(projection.mT @ projection)  # P^T P
+    overlap = torch.cat(overlaps).double() * old_block
+    projected_gram = torch.cat(grams).double() * old_block
+    slot = torch.arange(width, device=ranks.device)
     # place[j, r + j] = 1 for j < a: direction j becomes augmented column r + j.
     place = ((slot.view(1, -1, 1) + ranks.view(-1, 1, 1) == slot.view(1, 1, -1))
              & (slot.view(1, -1, 1) < widths.view(-1, 1, 1))).double()
@@ -108,11 +121,13 @@ def augment_bases(bases: torch.Tensor, directions: torch.Tensor, ranks: torch.Te
     new = columns_in_use(ranks + widths, width) & ~in_use & (relative_pivots(candidates, norms, eps) >= 100 * eps)
     _, orthonormalise = masked_cholesky(candidates, new)
     on_projection = place @ orthonormalise
-    columns = torch.baddbmm(bases, projection, on_projection.to(dtype), out=out)
+    sizes = [basis.shape[0] for basis in bases]
+    columns = [torch.baddbmm(basis, projection, t, out=o) for basis, projection, t, o in
+               zip(bases, projections_of, on_projection.to(dtype).split(sizes), out or [None] * len(bases))]
     # The new columns are orthonormal up to the rounding of the small Gram matrices, which a direction
     # that lies almost in the span of the others (a few in 1/sqrt(eps)) can blow up: such a column comes
     # out far from unit length or far from orthogonal and is left out too.
-    gram = (columns.mT @ columns).double()
+    gram = torch.cat([c.mT @ c for c in columns]).double()
     sound = relative_pivots(gram, torch.diagonal(gram, dim1=-2, dim2=-1), eps) > 0.5
     valid = in_use | (new & sound)
     lower, mix = masked_cholesky(gram, valid)

@@ -46,20 +46,25 @@ class _Batch(NamedTuple):
     s: torch.Tensor  # B x R x R, after the base step
 
 
-class _Side(NamedTuple):
-    """The factors (U or V) of a batch that share a shape: augmented in one call."""
+class _Bases(NamedTuple):
+    """A batch's U and V factors grouped by shape, all augmented in one call."""
 
-    factors: list[nn.Parameter]
-    members: torch.Tensor  # their positions in the batch's factor list [U_1..U_B, V_1..V_B]
+    groups: list[list[nn.Parameter]]  # factors of one shape
+    stacked: list[torch.Tensor]  # each group stacked, in a buffer that is free after the augmentation
+    order: torch.Tensor  # item i of the augmentation is factor order[i] of [U_1..U_B, V_1..V_B]
     augmented: Augmented
-    scratch: torch.Tensor  # a free buffer of the factors' stacked shape
+
+    def in_batch_order(self, field: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """A small per-item field of the augmentation, for the batch's U and for its V factors."""
+        values = getattr(self.augmented, field)
+        return torch.empty_like(values).index_copy_(0, self.order, values).chunk(2)
 
 
 class _Decomposed(NamedTuple):
     """One batch after the augmented SVD, before truncation."""
 
     batch: _Batch
-    sides: list[_Side]
+    bases: _Bases
     u_factor: torch.Tensor  # old basis = augmented[:, :r] @ factor, B x R x R
     v_factor: torch.Tensor
     left: torch.Tensor  # singular vectors of the augmented coefficients, B x R x R
@@ -106,6 +111,7 @@ class GeoLoRAOptimizer(torch.optim.Optimizer):
         self.coefficient_steps = config.coefficient_steps
         self.rank_budget = config.rank_budget
         self._buffers: dict[tuple, torch.Tensor] = {}
+        self._written: dict[int, list[tuple]] = {}  # per buffer of stacked factors: the factors it holds
 
     @torch.no_grad()
     def step(self, closure: Callable[[], torch.Tensor] | None = None) -> torch.Tensor | None:
@@ -225,56 +231,60 @@ class GeoLoRAOptimizer(torch.optim.Optimizer):
             self._buffers[key] = torch.empty(shape, dtype=like.dtype, device=like.device)
         return self._buffers[key]
 
-    def _augment_sides(self, factors: list[nn.Parameter], ranks: list[int], widths: list[int], device) -> list[_Side]:
+    @staticmethod
+    def _signature(factors: list[nn.Parameter]) -> list[tuple]:
+        """Identity, storage and in-place version of each factor: unchanged means not written since."""
+        return [(id(f), f.data_ptr(), f._version) for f in factors]
+
+    def _stacked_factors(self, factors: list[nn.Parameter], shape: tuple) -> torch.Tensor:
+        """``factors`` stacked into their buffer, which keeps the factors this optimizer last wrote:
+        restacked only when a factor was written elsewhere since (load_state_dict, set_factors, ...)."""
+        buffer = self._scratch("bases", shape, factors[0])
+        if self._written.get(id(buffer)) != self._signature(factors):
+            torch.stack(factors, out=buffer)
+        return buffer
+
+    def _augment(self, factors: list[nn.Parameter], ranks: list[int], widths: list[int], device) -> _Bases:
         """Augment the bases ``factors`` (U and V factors alike) by their gradients (the K- and
-        L-gradients), one call per factor shape."""
+        L-gradients): stacked per factor shape, augmented in one call."""
         by_shape: dict[torch.Size, list[int]] = {}
         for position, factor in enumerate(factors):
             by_shape.setdefault(factor.shape, []).append(position)
-        sides = []
-        for positions in by_shape.values():
-            members = torch.tensor(positions, device=device)
-            narrow = torch.tensor([i for i, p in enumerate(positions) if widths[p] < ranks[p]], dtype=torch.long,
-                                  device=device)
-            chosen = [factors[p] for p in positions]
-            shape = (len(chosen), *chosen[0].shape)
-            bases = torch.stack(chosen, out=self._scratch("bases", shape, chosen[0]))
-            directions = torch.stack([f.grad for f in chosen], out=self._scratch("directions", shape, chosen[0]))
-            augmented = augment_bases(bases, directions, torch.tensor([ranks[p] for p in positions], device=device),
-                                      torch.tensor([widths[p] for p in positions], device=device), narrow,
-                                      out=self._scratch("columns", shape, chosen[0]), overwrite_directions=True)
-            sides.append(_Side(chosen, members, augmented, scratch=bases))
-        return sides
-
-    @staticmethod
-    def _in_batch_order(sides: list[_Side], field: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """A small per-factor field of the sides' augmentations, for the batch's U and V factors."""
-        values = torch.cat([getattr(side.augmented, field) for side in sides])
-        order = torch.cat([side.members for side in sides])
-        return torch.empty_like(values).index_copy_(0, order, values).chunk(2)
+        order = [p for positions in by_shape.values() for p in positions]
+        groups = [[factors[p] for p in positions] for positions in by_shape.values()]
+        shapes = [(len(g), *g[0].shape) for g in groups]
+        stacked = [self._stacked_factors(g, shape) for g, shape in zip(groups, shapes)]
+        directions = [torch.stack([f.grad for f in g], out=self._scratch("directions", shape, g[0]))
+                      for g, shape in zip(groups, shapes)]
+        narrow = [i for i, p in enumerate(order) if widths[p] < ranks[p]]
+        augmented = augment_bases(stacked, directions, torch.tensor([ranks[p] for p in order], device=device),
+                                  torch.tensor([widths[p] for p in order], device=device),
+                                  torch.tensor(narrow, dtype=torch.long, device=device),
+                                  out=[self._scratch("columns", shape, g[0]) for g, shape in zip(groups, shapes)],
+                                  overwrite_directions=True)
+        return _Bases(groups, stacked, torch.tensor(order, device=device), augmented)
 
     def _augmented_svd(self, batch: _Batch, group: dict) -> _Decomposed:
         """For a batch of layers: augmented bases and the SVD (P, sigma, Q) of the augmented
         coefficient matrices, all at the fixed size R (the layers' maximum rank)."""
         layers, device, max_rank = batch.layers, batch.s.device, batch.layers[0].max_rank
         host_widths = [min(r, max_rank - r) for r in batch.ranks]
-        sides = self._augment_sides([l.U for l in layers] + [l.V for l in layers], batch.ranks * 2, host_widths * 2,
-                                    device)
+        bases = self._augment([l.U for l in layers] + [l.V for l in layers], batch.ranks * 2, host_widths * 2, device)
         ranks, widths = torch.tensor(batch.ranks, device=device), torch.tensor(host_widths, device=device)
-        u_factor, v_factor = self._in_batch_order(sides, "r_factor")
+        u_factor, v_factor = bases.in_batch_order("r_factor")
         s = u_factor @ batch.s @ v_factor.mT  # S in the augmented bases
         step = group["lr"] * self._augmentation_gains(batch, ranks.to(s.dtype), group)
-        u_projections, v_projections = self._in_batch_order(sides, "projections")
+        u_projections, v_projections = bases.in_batch_order("projections")
         s = augmented_coefficients(s, u_projections, v_projections.mT, ranks, widths, step)
         # Columns an augmented basis leaves out are zero. A partial identity between the columns in use,
         # at rounding size, makes the SVD put the singular vectors of zero singular values there (they
         # are kept when min_rank asks for more than the nonzero ones), never on a zero column.
-        u_valid, v_valid = self._in_batch_order(sides, "valid")
+        u_valid, v_valid = bases.in_batch_order("valid")
         nudge = 10 * torch.finfo(s.dtype).eps * (torch.linalg.matrix_norm(s) + 1e-20).view(-1, 1, 1)
         left, sigma, right_t = torch.linalg.svd(s + nudge * matched_identity(u_valid, v_valid).to(s.dtype))
         sigma = torch.where(sigma > 2 * nudge.view(-1, 1), sigma, 0.0)
         capacity = torch.minimum(u_valid.sum(-1), v_valid.sum(-1))
-        return _Decomposed(batch, sides, u_factor, v_factor, left, sigma, right_t.mT, capacity)
+        return _Decomposed(batch, bases, u_factor, v_factor, left, sigma, right_t.mT, capacity)
 
     def _truncate(self, decomposed: list[_Decomposed]) -> None:
         """New ranks for every layer (one host sync), then rotate and cut the factors and moments."""
@@ -301,10 +311,10 @@ class GeoLoRAOptimizer(torch.optim.Optimizer):
             start += len(members)
             keep = columns_in_use(torch.tensor(host_ranks, device=sigma.device), sigma.shape[-1]).to(sigma.dtype)
             # Rotations zero beyond the new rank (as the layers keep them).
-            rotations = torch.cat([d.left, d.right]) * keep.repeat(2, 1).unsqueeze(-2)
-            for side in d.sides:
-                new = torch.bmm(side.augmented.columns, side.augmented.mix @ rotations[side.members], out=side.scratch)
-                torch._foreach_copy_(side.factors, list(new.unbind()))
+            rotations = (torch.cat([d.left, d.right]) * keep.repeat(2, 1).unsqueeze(-2))[d.bases.order]
+            for factors, new in zip(d.bases.groups, d.bases.augmented.product(rotations, out=d.bases.stacked)):
+                torch._foreach_copy_(factors, list(new.unbind()))
+                self._written[id(new)] = self._signature(factors)
             torch._foreach_copy_([l.S for l in members], list(torch.diag_embed(sigma * keep).unbind()))
             self._transport_moments(d, keep.unsqueeze(-1) * keep.unsqueeze(-2))
             for layer, rank in zip(members, host_ranks):

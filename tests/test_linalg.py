@@ -22,8 +22,9 @@ def _augment(bases: list[torch.Tensor], directions: list[torch.Tensor], widths: 
     """Bases zero beyond their rank (as the layers keep them); directions with junk there (ignored).
     Returns the augmented bases (formed) and the factored result."""
     ranks = torch.tensor([b.shape[1] for b in bases])
-    result = augment_bases(_padded(bases, width), _padded(directions, width, torch.randn), ranks, torch.tensor(widths))
-    return result.columns @ result.mix, result
+    result = augment_bases([_padded(bases, width)], [_padded(directions, width, torch.randn)], ranks,
+                           torch.tensor(widths))
+    return result.columns[0] @ result.mix, result
 
 
 def _assert_orthonormal_where_valid(aug: torch.Tensor, valid: torch.Tensor, atol: float = 1e-5) -> None:

@@ -274,3 +274,24 @@ def test_layers_of_one_shape_step_together_exactly_as_alone():
         assert alone[index].rank == together[index].rank
         for name in ("U", "S", "V"):
             assert torch.allclose(getattr(alone[index], name), getattr(together[index], name), atol=1e-5)
+
+
+def test_factors_written_between_steps_are_seen_by_the_next_step():
+    """The optimizer keeps its own stacked copy of the factors it wrote; a write from elsewhere (here
+    set_factors) must reach the next step exactly as in an optimizer without that copy."""
+    x, y = least_squares()
+    model = adapted_linear(init_rank=3, max_rank=8, tau=0.05)
+    twin = copy.deepcopy(model)
+    results = []
+    for net, forget in ((model, False), (twin, True)):
+        opt = geolora.GeoLoRAOptimizer(net, lr=0.05)
+        mse(net, x, y).backward()
+        opt.step()
+        opt.zero_grad()
+        _set_random_factors(net[0], rank=4, seed=11)
+        if forget:
+            opt._written.clear()
+        mse(net, x, y).backward()
+        opt.step()
+        results.append(net[0].delta_weight().detach())
+    assert torch.allclose(results[0], results[1], atol=1e-6)
