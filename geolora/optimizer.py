@@ -322,7 +322,7 @@ class GeoLoRAOptimizer(torch.optim.Optimizer):
 
     def _transport_moments(self, d: _Decomposed, block: torch.Tensor) -> None:
         """Adam moments of S carried into the new bases and cut to the new ranks (``block``): first into
-        the augmented bases as S is (through the QR factors), then along the kept singular vectors."""
+        the augmented bases as S is (through the r_factors), then along the kept singular vectors."""
         states = [self.state[l.S] for l in d.batch.layers]
         if self.moment_transport == "reset":
             for state in states:
