@@ -80,9 +80,10 @@ class GeoLoRAOptimizer(torch.optim.Optimizer):
     step; group 1, if any, holds the remaining trainable parameters (``modules_to_save``) and runs the
     plain base optimizer. LR schedulers, gradient clipping and ``GradScaler`` work as usual.
 
-    Same-shaped layers are stepped as one batch (stacked factors, batched linear algebra, the S
-    moments of a batch stored as views of one stacked tensor), so the cost per step hardly grows with
-    the number of layers.
+    Layers of one maximum rank are stepped as one batch whatever their shapes and ranks (stacked
+    factors, batched linear algebra, the S moments stored as views of one stacked tensor), so the cost
+    per step hardly grows with the number of layers. Stacked factors, gradients and new columns live in
+    buffers kept between steps (``_scratch``): a few times the adapters' size in extra memory.
     """
 
     def __init__(self, model: nn.Module, lr: float = 1e-3, weight_decay: float = 0.0,
