@@ -68,7 +68,7 @@ class Augmented(NamedTuple):
 
 def augment_bases(bases: list[torch.Tensor], directions: list[torch.Tensor], ranks: torch.Tensor,
                   widths: torch.Tensor, narrow: torch.Tensor | None = None, out: list[torch.Tensor] | None = None,
-                  overwrite_directions: bool = False) -> Augmented:
+                  overwrite_directions: bool = False, overlap: torch.Tensor | None = None) -> Augmented:
     """Extend each basis by up to ``widths[i]`` directions of ``(I - B B^T) directions``, for stacks of
     layers of different ranks held in fixed-size buffers.
 
@@ -93,18 +93,20 @@ def augment_bases(bases: list[torch.Tensor], directions: list[torch.Tensor], ran
     (the only ones that need the ordering); callers that know them on the host pass them, which spares
     a device sync. ``out[g]`` receives group g's columns, and with ``overwrite_directions`` the
     projection is written over the directions: callers that step every iteration reuse their buffers.
+    ``overlap`` (B x R x R, ``B^T D`` of every item) spares the first matmul where the caller already has
+    it: GeoLoRA's S-gradient is ``U^T G_K``, and its transpose ``V^T G_L``.
     """
     dtype, width = bases[0].dtype, bases[0].shape[-1]
     eps = torch.finfo(dtype).eps
     in_use = columns_in_use(ranks, width)
     old = in_use.double()
     old_block = old.unsqueeze(-1) * old.unsqueeze(-2)
-    projections_of, overlaps, grams = [], [], []
-    for basis, direction in zip(bases, directions):
-        overlap = basis.mT @ direction  # B^T D
-        projection = (direction if overwrite_directions else direction.clone()).baddbmm_(basis, overlap, alpha=-1)
+    sizes = [basis.shape[0] for basis in bases]
+    overlaps = [b.mT @ d for b, d in zip(bases, directions)] if overlap is None else overlap.split(sizes)  # B^T D
+    projections_of, grams = [], []
+    for basis, direction, part in zip(bases, directions, overlaps):
+        projection = (direction if overwrite_directions else direction.clone()).baddbmm_(basis, part, alpha=-1)
         projections_of.append(projection)
-        overlaps.append(overlap)
         grams.append(projection.mT @ projection)  # P^T P
     overlap = torch.cat(overlaps).double() * old_block
     projected_gram = torch.cat(grams).double() * old_block
@@ -121,7 +123,6 @@ def augment_bases(bases: list[torch.Tensor], directions: list[torch.Tensor], ran
     new = columns_in_use(ranks + widths, width) & ~in_use & (relative_pivots(candidates, norms, eps) >= 100 * eps)
     _, orthonormalise = masked_cholesky(candidates, new)
     on_projection = place @ orthonormalise
-    sizes = [basis.shape[0] for basis in bases]
     columns = [torch.baddbmm(basis, projection, t, out=o) for basis, projection, t, o in
                zip(bases, projections_of, on_projection.to(dtype).split(sizes), out or [None] * len(bases))]
     # The new columns are orthonormal up to the rounding of the small Gram matrices, which a direction

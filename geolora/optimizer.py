@@ -44,6 +44,7 @@ class _Batch(NamedTuple):
     layers: list[GeoLoRALinear]
     ranks: list[int]  # before this step
     s: torch.Tensor  # B x R x R, after the base step
+    grad_s: torch.Tensor  # B x R x R: U^T G_K, and transposed V^T G_L
 
 
 class _Bases(NamedTuple):
@@ -203,9 +204,10 @@ class GeoLoRAOptimizer(torch.optim.Optimizer):
             s = torch.stack([l.S for l in members])
             moments, steps = self._stacked_moments(members, s)
             steps = steps[0] if len(set(steps)) == 1 else torch.tensor(steps, dtype=s.dtype, device=s.device).view(-1, 1, 1)
-            self._base_step(s, torch.stack([l.S.grad for l in members]), moments, steps, group)
+            grad_s = torch.stack([l.S.grad for l in members])
+            self._base_step(s, grad_s, moments, steps, group)
             if adapt:
-                batches.append(_Batch(members, [l.rank for l in members], s))
+                batches.append(_Batch(members, [l.rank for l in members], s, grad_s))
             else:
                 torch._foreach_copy_([l.S for l in members], list(s.unbind()))
         if batches:
@@ -245,9 +247,11 @@ class GeoLoRAOptimizer(torch.optim.Optimizer):
             torch.stack(factors, out=buffer)
         return buffer
 
-    def _augment(self, factors: list[nn.Parameter], ranks: list[int], widths: list[int], device) -> _Bases:
+    def _augment(self, factors: list[nn.Parameter], ranks: list[int], widths: list[int], overlaps: torch.Tensor,
+                 device) -> _Bases:
         """Augment the bases ``factors`` (U and V factors alike) by their gradients (the K- and
-        L-gradients): stacked per factor shape, augmented in one call."""
+        L-gradients): stacked per factor shape, augmented in one call. ``overlaps[p]`` is factor p's
+        ``basis^T gradient``."""
         by_shape: dict[torch.Size, list[int]] = {}
         for position, factor in enumerate(factors):
             by_shape.setdefault(factor.shape, []).append(position)
@@ -262,15 +266,17 @@ class GeoLoRAOptimizer(torch.optim.Optimizer):
                                   torch.tensor([widths[p] for p in order], device=device),
                                   torch.tensor(narrow, dtype=torch.long, device=device),
                                   out=[self._scratch("columns", shape, g[0]) for g, shape in zip(groups, shapes)],
-                                  overwrite_directions=True)
-        return _Bases(groups, stacked, torch.tensor(order, device=device), augmented)
+                                  overwrite_directions=True, overlap=overlaps[order_tensor := torch.tensor(order, device=device)])
+        return _Bases(groups, stacked, order_tensor, augmented)
 
     def _augmented_svd(self, batch: _Batch, group: dict) -> _Decomposed:
         """For a batch of layers: augmented bases and the SVD (P, sigma, Q) of the augmented
         coefficient matrices, all at the fixed size R (the layers' maximum rank)."""
         layers, device, max_rank = batch.layers, batch.s.device, batch.layers[0].max_rank
         host_widths = [min(r, max_rank - r) for r in batch.ranks]
-        bases = self._augment([l.U for l in layers] + [l.V for l in layers], batch.ranks * 2, host_widths * 2, device)
+        # The layers' S-gradient is U^T G_K (and transposed V^T G_L): the augmentation's first product.
+        bases = self._augment([l.U for l in layers] + [l.V for l in layers], batch.ranks * 2, host_widths * 2,
+                              torch.cat([batch.grad_s, batch.grad_s.mT]), device)
         ranks, widths = torch.tensor(batch.ranks, device=device), torch.tensor(host_widths, device=device)
         u_factor, v_factor = bases.in_batch_order("r_factor")
         s = u_factor @ batch.s @ v_factor.mT  # S in the augmented bases
