@@ -256,6 +256,7 @@ class GeoLoRAOptimizer(torch.optim.Optimizer):
         for position, factor in enumerate(factors):
             by_shape.setdefault(factor.shape, []).append(position)
         order = [p for positions in by_shape.values() for p in positions]
+        order_tensor = torch.tensor(order, device=device)
         groups = [[factors[p] for p in positions] for positions in by_shape.values()]
         shapes = [(len(g), *g[0].shape) for g in groups]
         stacked = [self._stacked_factors(g, shape) for g, shape in zip(groups, shapes)]
@@ -266,7 +267,7 @@ class GeoLoRAOptimizer(torch.optim.Optimizer):
                                   torch.tensor([widths[p] for p in order], device=device),
                                   torch.tensor(narrow, dtype=torch.long, device=device),
                                   out=[self._scratch("columns", shape, g[0]) for g, shape in zip(groups, shapes)],
-                                  overwrite_directions=True, overlap=overlaps[order_tensor := torch.tensor(order, device=device)])
+                                  overwrite_directions=True, overlap=overlaps[order_tensor])
         return _Bases(groups, stacked, order_tensor, augmented)
 
     def _augmented_svd(self, batch: _Batch, group: dict) -> _Decomposed:
