@@ -45,6 +45,8 @@ class _Batch(NamedTuple):
     ranks: list[int]  # before this step
     s: torch.Tensor  # B x R x R, after the base step
     grad_s: torch.Tensor  # B x R x R: U^T G_K, and transposed V^T G_L
+    moments: dict[str, torch.Tensor]  # the base optimizer's S moments, stacked (the states hold views)
+    steps: int | torch.Tensor  # the base step count, per layer (B x 1 x 1) where they differ
 
 
 class _Bases(NamedTuple):
@@ -207,7 +209,7 @@ class GeoLoRAOptimizer(torch.optim.Optimizer):
             grad_s = torch.stack([l.S.grad for l in members])
             self._base_step(s, grad_s, moments, steps, group)
             if adapt:
-                batches.append(_Batch(members, [l.rank for l in members], s, grad_s))
+                batches.append(_Batch(members, [l.rank for l in members], s, grad_s, moments, steps))
             else:
                 torch._foreach_copy_([l.S for l in members], list(s.unbind()))
         if batches:
@@ -220,11 +222,8 @@ class GeoLoRAOptimizer(torch.optim.Optimizer):
         basis-independent)."""
         if self.base_optimizer != "adamw" or not self.precondition_augmentation:
             return 1.0
-        beta2 = group["betas"][1]
-        second = self.state[batch.layers[0].S]["exp_avg_sq"]._base.sum(dim=(-2, -1)) / ranks ** 2
-        bias = [1 - beta2 ** self.state[l.S]["step"] for l in batch.layers]
-        bias = torch.tensor(bias, dtype=second.dtype, device=second.device)
-        return 1.0 / ((second / bias).sqrt() + group["eps"]).view(-1, 1, 1)
+        second = batch.moments["exp_avg_sq"].sum(dim=(-2, -1)).view(-1, 1, 1) / ranks.view(-1, 1, 1) ** 2
+        return 1.0 / ((second / (1 - group["betas"][1] ** batch.steps)).sqrt() + group["eps"])
 
     def _scratch(self, role: str, shape: tuple, like: torch.Tensor) -> torch.Tensor:
         """A buffer kept across steps: on CPU a fresh allocation of the stacked n-sized factors each
@@ -296,8 +295,8 @@ class GeoLoRAOptimizer(torch.optim.Optimizer):
 
     def _truncate(self, decomposed: list[_Decomposed]) -> None:
         """New ranks for every layer (one host sync), then rotate and cut the factors and moments."""
-        layers = [layer for d in decomposed for layer in d.batch.layers]
         if self.rank_budget is not None:
+            layers = [layer for d in decomposed for layer in d.batch.layers]
             # Per layer: its singular values, then its capacity; batches may differ in R.
             rows = [torch.cat([d.sigma, d.capacity.unsqueeze(-1).to(d.sigma.dtype)], -1) for d in decomposed]
             flat = torch.cat([row.flatten() for row in rows]).double().cpu()  # the one host sync
@@ -331,12 +330,11 @@ class GeoLoRAOptimizer(torch.optim.Optimizer):
     def _transport_moments(self, d: _Decomposed, block: torch.Tensor) -> None:
         """Adam moments of S carried into the new bases and cut to the new ranks (``block``): first into
         the augmented bases as S is (through the r_factors), then along the kept singular vectors."""
-        states = [self.state[l.S] for l in d.batch.layers]
         if self.moment_transport == "reset":
-            for state in states:
-                state.clear()
+            for layer in d.batch.layers:
+                self.state[layer.S].clear()
             return
-        moments = {key: states[0][key]._base for key in ("exp_avg", "exp_avg_sq") if key in states[0]}
+        moments = d.batch.moments
         if "exp_avg" in moments:
             first = d.u_factor @ moments["exp_avg"] @ d.v_factor.mT
             moments["exp_avg"].copy_(transport_first_moment(first, d.left, d.right) * block)
