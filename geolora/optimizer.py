@@ -76,6 +76,12 @@ class _Decomposed(NamedTuple):
     capacity: torch.Tensor  # B: the most columns both augmented bases can give
 
 
+def _are_views(tensors: list[torch.Tensor], stacked: torch.Tensor) -> bool:
+    """Whether each ``tensors[i]`` lies where ``stacked[i]`` does (same shape assumed)."""
+    start, stride = stacked.data_ptr(), stacked.stride(0) * stacked.element_size()
+    return stacked.shape[0] == len(tensors) and all(t.data_ptr() == start + i * stride for i, t in enumerate(tensors))
+
+
 class GeoLoRAOptimizer(torch.optim.Optimizer):
     """A ``torch.optim.Optimizer`` over the adapters and every other trainable parameter of ``model``.
 
@@ -83,10 +89,12 @@ class GeoLoRAOptimizer(torch.optim.Optimizer):
     step; group 1, if any, holds the remaining trainable parameters (``modules_to_save``) and runs the
     plain base optimizer. LR schedulers, gradient clipping and ``GradScaler`` work as usual.
 
-    Layers of one maximum rank are stepped as one batch whatever their shapes and ranks (stacked
-    factors, batched linear algebra, the S moments stored as views of one stacked tensor), so the cost
-    per step hardly grows with the number of layers. Stacked factors, gradients and new columns live in
-    buffers kept between steps (``_scratch``): a few times the adapters' size in extra memory.
+    Layers of one maximum rank are stepped as one batch whatever their shapes and ranks (batched
+    linear algebra), so the cost per step hardly grows with the number of layers. From the first step
+    on, the factors of each shape are views of one stacked tensor (as are the S moments in the state),
+    so batched results land in the parameters without copies; moving or casting the model breaks the
+    views and the next step restacks. Stacked gradients and new columns live in buffers kept between
+    steps (``_scratch``): about twice the adapters' size in extra memory.
     """
 
     def __init__(self, model: nn.Module, lr: float = 1e-3, weight_decay: float = 0.0,
@@ -115,7 +123,6 @@ class GeoLoRAOptimizer(torch.optim.Optimizer):
         self.coefficient_steps = config.coefficient_steps
         self.rank_budget = config.rank_budget
         self._buffers: dict[tuple, torch.Tensor] = {}
-        self._written: dict[int, list[tuple]] = {}  # per buffer of stacked factors: the factors it holds
 
     @torch.no_grad()
     def step(self, closure: Callable[[], torch.Tensor] | None = None) -> torch.Tensor | None:
@@ -153,8 +160,7 @@ class GeoLoRAOptimizer(torch.optim.Optimizer):
         for key in moments[0]:
             views = [m[key] for m in moments]
             base = views[0]._base
-            if not (base is not None and base.shape[0] == len(views) and all(
-                    view._base is base and view.storage_offset() == i * base.stride(0) for i, view in enumerate(views))):
+            if base is None or not _are_views(views, base):
                 base = torch.stack(views)
                 for state, view in zip(states, base.unbind()):
                     state[key] = view
@@ -203,15 +209,13 @@ class GeoLoRAOptimizer(torch.optim.Optimizer):
             by_rank.setdefault((layer.max_rank, layer.S.dtype, layer.S.device), []).append(layer)
         batches = []
         for members in by_rank.values():
-            s = torch.stack([l.S for l in members])
+            s = self._stacked("coefficients", [l.S for l in members])
             moments, steps = self._stacked_moments(members, s)
             steps = steps[0] if len(set(steps)) == 1 else torch.tensor(steps, dtype=s.dtype, device=s.device).view(-1, 1, 1)
             grad_s = torch.stack([l.S.grad for l in members])
             self._base_step(s, grad_s, moments, steps, group)
             if adapt:
                 batches.append(_Batch(members, [l.rank for l in members], s, grad_s, moments, steps))
-            else:
-                torch._foreach_copy_([l.S for l in members], list(s.unbind()))
         if batches:
             self._truncate([self._augmented_svd(batch, group) for batch in batches])
 
@@ -233,18 +237,17 @@ class GeoLoRAOptimizer(torch.optim.Optimizer):
             self._buffers[key] = torch.empty(shape, dtype=like.dtype, device=like.device)
         return self._buffers[key]
 
-    @staticmethod
-    def _signature(factors: list[nn.Parameter]) -> list[tuple]:
-        """Identity, storage and in-place version of each factor: unchanged means not written since."""
-        return [(id(f), f.data_ptr(), f._version) for f in factors]
-
-    def _stacked_factors(self, factors: list[nn.Parameter], shape: tuple) -> torch.Tensor:
-        """``factors`` stacked into their buffer, which keeps the factors this optimizer last wrote:
-        restacked only when a factor was written elsewhere since (load_state_dict, set_factors, ...)."""
-        buffer = self._scratch("bases", shape, factors[0])
-        if self._written.get(id(buffer)) != self._signature(factors):
-            torch.stack(factors, out=buffer)
-        return buffer
+    def _stacked(self, role: str, factors: list[nn.Parameter]) -> torch.Tensor:
+        """The stacked tensor ``factors`` are views of, so a batched result written into it lands in
+        the parameters with no copies. Made, and the factors rebound to it, wherever they are not its
+        views (the first step, after the model was moved or cast, or when the stepped layers change)."""
+        key = (role, len(factors), *factors[0].shape, factors[0].dtype, factors[0].device)
+        stacked = self._buffers.get(key)
+        if stacked is None or not _are_views(factors, stacked):
+            stacked = self._buffers[key] = torch.stack(factors)
+            for factor, view in zip(factors, stacked.unbind()):
+                factor.data = view
+        return stacked
 
     def _augment(self, factors: list[nn.Parameter], ranks: list[int], widths: list[int], overlaps: torch.Tensor,
                  device) -> _Bases:
@@ -258,7 +261,7 @@ class GeoLoRAOptimizer(torch.optim.Optimizer):
         order_tensor = torch.tensor(order, device=device)
         groups = [[factors[p] for p in positions] for positions in by_shape.values()]
         shapes = [(len(g), *g[0].shape) for g in groups]
-        stacked = [self._stacked_factors(g, shape) for g, shape in zip(groups, shapes)]
+        stacked = [self._stacked("bases", g) for g in groups]
         directions = [torch.stack([f.grad for f in g], out=self._scratch("directions", shape, g[0]))
                       for g, shape in zip(groups, shapes)]
         narrow = [i for i, p in enumerate(order) if widths[p] < ranks[p]]
@@ -319,10 +322,8 @@ class GeoLoRAOptimizer(torch.optim.Optimizer):
             keep = columns_in_use(torch.tensor(host_ranks, device=sigma.device), sigma.shape[-1]).to(sigma.dtype)
             # Rotations zero beyond the new rank (as the layers keep them).
             rotations = (torch.cat([d.left, d.right]) * keep.repeat(2, 1).unsqueeze(-2))[d.bases.order]
-            for factors, new in zip(d.bases.groups, d.bases.augmented.product(rotations, out=d.bases.stacked)):
-                torch._foreach_copy_(factors, list(new.unbind()))
-                self._written[id(new)] = self._signature(factors)
-            torch._foreach_copy_([l.S for l in members], list(torch.diag_embed(sigma * keep).unbind()))
+            d.bases.augmented.product(rotations, out=d.bases.stacked)  # into the layers' U and V
+            d.batch.s.copy_(torch.diag_embed(sigma * keep))
             self._transport_moments(d, keep.unsqueeze(-1) * keep.unsqueeze(-2))
             for layer, rank in zip(members, host_ranks):
                 layer.rank = rank

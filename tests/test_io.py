@@ -33,6 +33,25 @@ def test_save_load_restores_ranks_and_outputs(batch, tmp_path):
         assert torch.equal(auto(**batch).logits, model(**batch).logits)
 
 
+def test_saving_while_factors_share_the_optimizers_stacked_storage(batch, tmp_path):
+    """After a step, same-shaped factors are views of one stacked tensor; at full rank even the
+    slices in use are. Both save paths must write separate tensors and load back the same model."""
+    model, _, pristine = _trained(batch, steps=2, init_rank=8, min_rank=8)
+    assert set(geolora.ranks(model).values()) == {8}
+    layers = [layer for _, layer in geolora.adapters(model)]
+    assert len({layer.U.untyped_storage().data_ptr() for layer in layers}) < len(layers)
+    geolora.save_adapter(model, tmp_path / "adapter")
+    model.save_pretrained(tmp_path / "full")
+    fresh = geolora.load_adapter(copy.deepcopy(pristine), tmp_path / "adapter")
+    with torch.no_grad():
+        assert torch.equal(fresh(**batch).logits, model(**batch).logits)
+    whole = geolora.inject(copy.deepcopy(pristine), deberta_config(init_rank=8, min_rank=8))
+    from safetensors.torch import load_file
+    whole.load_state_dict(load_file(str(tmp_path / "full" / "model.safetensors")))
+    with torch.no_grad():
+        assert torch.equal(whole(**batch).logits, model(**batch).logits)
+
+
 def test_load_adapter_rejects_a_wrong_folder(tmp_path):
     with pytest.raises(ValueError, match="not a GeoLoRA adapter folder"):
         geolora.load_adapter(tiny_deberta(), tmp_path)

@@ -276,22 +276,29 @@ def test_layers_of_one_shape_step_together_exactly_as_alone():
             assert torch.allclose(getattr(alone[index], name), getattr(together[index], name), atol=1e-5)
 
 
-def test_factors_written_between_steps_are_seen_by_the_next_step():
-    """The optimizer keeps its own stacked copy of the factors it wrote; a write from elsewhere (here
-    set_factors) must reach the next step exactly as in an optimizer without that copy."""
+def test_factors_stay_views_of_the_stacked_tensor_and_are_restacked_when_replaced():
+    """After a step the factors are views of the optimizer's stacked tensors: writes through the
+    layer (set_factors) reach the next step, and storage replaced behind the optimizer's back (as
+    model.to or a cast does) is restacked, giving the same step as the untouched twin."""
     x, y = least_squares()
-    model = adapted_linear(init_rank=3, max_rank=8, tau=0.05)
+    model = nn.Sequential(nn.Linear(32, 8), nn.Tanh(), nn.Linear(8, 32))
+    geolora.inject(model, geolora.GeoLoRAConfig(target_modules=["0", "2"], init_rank=3, max_rank=8, tau=0.05))
     twin = copy.deepcopy(model)
     results = []
-    for net, forget in ((model, False), (twin, True)):
+    for net, replace in ((model, False), (twin, True)):
         opt = geolora.GeoLoRAOptimizer(net, lr=0.05)
         mse(net, x, y).backward()
         opt.step()
         opt.zero_grad()
+        # One stacked tensor per shape: (U_0, V_2), (U_2, V_0), (S_0, S_2).
+        for first, second in ((net[0].U, net[2].V), (net[2].U, net[0].V), (net[0].S, net[2].S)):
+            assert first.data_ptr() + first.numel() * first.element_size() == second.data_ptr()
+        if replace:
+            for p in net.parameters():
+                p.data = p.data.clone()
         _set_random_factors(net[0], rank=4, seed=11)
-        if forget:
-            opt._written.clear()
         mse(net, x, y).backward()
         opt.step()
-        results.append(net[0].delta_weight().detach())
-    assert torch.allclose(results[0], results[1], atol=1e-6)
+        results.append([net[i].delta_weight().detach() for i in (0, 2)])
+    for mine, twins in zip(*results):
+        assert torch.allclose(mine, twins, atol=1e-6)
