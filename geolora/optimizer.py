@@ -152,19 +152,13 @@ class GeoLoRAOptimizer(torch.optim.Optimizer):
         return {key: state[key] for key in keys}
 
     def _stacked_moments(self, layers: list[GeoLoRALinear], like: torch.Tensor) -> tuple[dict, list[int]]:
-        """The S moments of a batch as B x R x R tensors the layers' states are views of (stacked once,
-        kept stacked: updating them costs one op per batch, not one per layer); and each layer's step."""
+        """The S moments of a batch as B x R x R tensors the layers' states are views of (updating
+        them costs one op per batch, not one per layer); and each layer's step."""
         states = [self.state[l.S] for l in layers]
         moments = [self._moments(state, like[0]) for state in states]
-        stacked = {}
-        for key in moments[0]:
-            views = [m[key] for m in moments]
-            base = views[0]._base
-            if base is None or not _are_views(views, base):
-                base = torch.stack(views)
-                for state, view in zip(states, base.unbind()):
-                    state[key] = view
-            stacked[key] = base
+        stacked = {key: self._stacked(key, [m[key] for m in moments],
+                                      lambda i, view, key=key: states[i].__setitem__(key, view))
+                   for key in moments[0]}
         for state in states:
             state["step"] += 1
         return stacked, [state["step"] for state in states]
@@ -209,7 +203,7 @@ class GeoLoRAOptimizer(torch.optim.Optimizer):
             by_rank.setdefault((layer.max_rank, layer.S.dtype, layer.S.device), []).append(layer)
         batches = []
         for members in by_rank.values():
-            s = self._stacked("coefficients", [l.S for l in members])
+            s = self._stacked_factors("coefficients", [l.S for l in members])
             moments, steps = self._stacked_moments(members, s)
             steps = steps[0] if len(set(steps)) == 1 else torch.tensor(steps, dtype=s.dtype, device=s.device).view(-1, 1, 1)
             grad_s = torch.stack([l.S.grad for l in members])
@@ -237,17 +231,22 @@ class GeoLoRAOptimizer(torch.optim.Optimizer):
             self._buffers[key] = torch.empty(shape, dtype=like.dtype, device=like.device)
         return self._buffers[key]
 
-    def _stacked(self, role: str, factors: list[nn.Parameter]) -> torch.Tensor:
-        """The stacked tensor ``factors`` are views of, so a batched result written into it lands in
-        the parameters with no copies. Made, and the factors rebound to it, wherever they are not its
-        views (the first step, after the model was moved or cast, or when the stepped layers change)."""
-        key = (role, len(factors), *factors[0].shape, factors[0].dtype, factors[0].device)
+    def _stacked(self, role: str, tensors: list[torch.Tensor], rebind: Callable[[int, torch.Tensor], None]
+                 ) -> torch.Tensor:
+        """The stacked tensor that ``tensors`` are views of, so batched work reads and writes them in
+        place. Made wherever they are not its views (the first step, after the model was moved or
+        cast, or when the stepped layers change), then ``rebind(i, view)`` makes item i a view."""
+        key = (role, len(tensors), *tensors[0].shape, tensors[0].dtype, tensors[0].device)
         stacked = self._buffers.get(key)
-        if stacked is None or not _are_views(factors, stacked):
-            stacked = self._buffers[key] = torch.stack(factors)
-            for factor, view in zip(factors, stacked.unbind()):
-                factor.data = view
+        if stacked is None or not _are_views(tensors, stacked):
+            stacked = self._buffers[key] = torch.stack(tensors)
+            for i, view in enumerate(stacked.unbind()):
+                rebind(i, view)
         return stacked
+
+    def _stacked_factors(self, role: str, factors: list[nn.Parameter]) -> torch.Tensor:
+        """Factors as views of one stacked tensor: batched results land in the parameters."""
+        return self._stacked(role, factors, lambda i, view: setattr(factors[i], "data", view))
 
     def _augment(self, factors: list[nn.Parameter], ranks: list[int], widths: list[int], overlaps: torch.Tensor,
                  device) -> _Bases:
@@ -261,7 +260,7 @@ class GeoLoRAOptimizer(torch.optim.Optimizer):
         order_tensor = torch.tensor(order, device=device)
         groups = [[factors[p] for p in positions] for positions in by_shape.values()]
         shapes = [(len(g), *g[0].shape) for g in groups]
-        stacked = [self._stacked("bases", g) for g in groups]
+        stacked = [self._stacked_factors("bases", g) for g in groups]
         directions = [torch.stack([f.grad for f in g], out=self._scratch("directions", shape, g[0]))
                       for g, shape in zip(groups, shapes)]
         narrow = [i for i, p in enumerate(order) if widths[p] < ranks[p]]
