@@ -38,10 +38,21 @@ BASE_OPTIMIZERS = ("adamw", "sgd")
 MOMENT_TRANSPORTS = ("rotate", "reset")
 
 
-class _Batch(NamedTuple):
-    """Layers of one maximum rank R (and dtype, device), stepped together whatever their shapes."""
+class _Plan(NamedTuple):
+    """How the layers of one maximum rank R (and dtype, device) are stacked, whatever their shapes:
+    fixed while the set of stepped layers is, so it is worked out once rather than every step."""
 
     layers: list[GeoLoRALinear]
+    coefficients: list[nn.Parameter]  # each layer's S
+    groups: list[list[nn.Parameter]]  # the layers' U and V factors grouped by shape
+    order: list[int]  # item i of the augmentation is factor order[i] of [U_1..U_B, V_1..V_B]
+    order_tensor: torch.Tensor
+
+
+class _Batch(NamedTuple):
+    """One plan's layers in one step."""
+
+    plan: _Plan
     ranks: list[int]  # before this step
     s: torch.Tensor  # B x R x R, after the base step
     grad_s: torch.Tensor  # B x R x R: U^T G_K, and transposed V^T G_L
@@ -50,10 +61,9 @@ class _Batch(NamedTuple):
 
 
 class _Bases(NamedTuple):
-    """A batch's U and V factors grouped by shape, all augmented in one call."""
+    """A batch's U and V factors, stacked per shape (the plan's groups), all augmented in one call."""
 
-    groups: list[list[nn.Parameter]]  # factors of one shape
-    stacked: list[torch.Tensor]  # each group stacked, in a buffer that is free after the augmentation
+    stacked: list[torch.Tensor]  # each group stacked: the factors are views of these
     order: torch.Tensor  # item i of the augmentation is factor order[i] of [U_1..U_B, V_1..V_B]
     augmented: Augmented
 
@@ -123,6 +133,7 @@ class GeoLoRAOptimizer(torch.optim.Optimizer):
         self.coefficient_steps = config.coefficient_steps
         self.rank_budget = config.rank_budget
         self._buffers: dict[tuple, torch.Tensor] = {}
+        self._plans: tuple[tuple[int, ...], list[_Plan]] = ((), [])  # for the last set of stepped layers
 
     @torch.no_grad()
     def step(self, closure: Callable[[], torch.Tensor] | None = None) -> torch.Tensor | None:
@@ -151,10 +162,10 @@ class GeoLoRAOptimizer(torch.optim.Optimizer):
                 state[key] = torch.zeros_like(like)
         return {key: state[key] for key in keys}
 
-    def _stacked_moments(self, layers: list[GeoLoRALinear], like: torch.Tensor) -> tuple[dict, list[int]]:
-        """The S moments of a batch as B x R x R tensors the layers' states are views of (updating
+    def _stacked_moments(self, coefficients: list[nn.Parameter], like: torch.Tensor) -> tuple[dict, list[int]]:
+        """The moments of a batch's S factors as B x R x R tensors their states are views of (updating
         them costs one op per batch, not one per layer); and each layer's step."""
-        states = [self.state[l.S] for l in layers]
+        states = [self.state[p] for p in coefficients]
         moments = [self._moments(state, like[0]) for state in states]
         stacked = {key: self._stacked(key, [m[key] for m in moments],
                                       lambda i, view, key=key: states[i].__setitem__(key, view))
@@ -194,24 +205,43 @@ class GeoLoRAOptimizer(torch.optim.Optimizer):
     def _adapter_step(self, group: dict) -> None:
         adapt = group["step"] % (self.coefficient_steps + 1) == 0
         group["step"] += 1
-        layers = [layer for layer in self.layers if layer.S.grad is not None and not layer.merged]
-        # Layers of one maximum rank are stepped together whatever their shapes and ranks, in the
-        # fixed-size (padded) layout: one batched base step and one batched SVD; their U and V factors
-        # are augmented in one call per factor shape.
-        by_rank: dict[tuple, list[GeoLoRALinear]] = {}
-        for layer in layers:
-            by_rank.setdefault((layer.max_rank, layer.S.dtype, layer.S.device), []).append(layer)
+        coefficients = group["params"][1::3]
+        stepped = tuple(i for i, (layer, s) in enumerate(zip(self.layers, coefficients))
+                        if s.grad is not None and not layer.merged)
+        if self._plans[0] != stepped:
+            self._plans = (stepped, self._make_plans([self.layers[i] for i in stepped],
+                                                     [group["params"][3 * i:3 * i + 3] for i in stepped]))
         batches = []
-        for members in by_rank.values():
-            s = self._stacked_factors("coefficients", [l.S for l in members])
-            moments, steps = self._stacked_moments(members, s)
+        for plan in self._plans[1]:
+            s = self._stacked_factors("coefficients", plan.coefficients)
+            moments, steps = self._stacked_moments(plan.coefficients, s)
             steps = steps[0] if len(set(steps)) == 1 else torch.tensor(steps, dtype=s.dtype, device=s.device).view(-1, 1, 1)
-            grad_s = torch.stack([l.S.grad for l in members])
+            grad_s = torch.stack([p.grad for p in plan.coefficients])
             self._base_step(s, grad_s, moments, steps, group)
             if adapt:
-                batches.append(_Batch(members, [l.rank for l in members], s, grad_s, moments, steps))
+                batches.append(_Batch(plan, [l.rank for l in plan.layers], s, grad_s, moments, steps))
         if batches:
             self._truncate([self._augmented_svd(batch, group) for batch in batches])
+
+    @staticmethod
+    def _make_plans(layers: list[GeoLoRALinear], factors: list[list[nn.Parameter]]) -> list[_Plan]:
+        """Layers of one maximum rank are stepped together whatever their shapes and ranks, in the
+        fixed-size (padded) layout: one batched base step and one batched SVD; their U and V factors
+        are stacked per shape and augmented in one call. ``factors`` holds each layer's (U, S, V)."""
+        by_rank: dict[tuple, list[int]] = {}
+        for i, (layer, (_, s, _)) in enumerate(zip(layers, factors)):
+            by_rank.setdefault((layer.max_rank, s.dtype, s.device), []).append(i)
+        plans = []
+        for members in by_rank.values():
+            bases = [factors[i][0] for i in members] + [factors[i][2] for i in members]
+            by_shape: dict[torch.Size, list[int]] = {}
+            for position, basis in enumerate(bases):
+                by_shape.setdefault(basis.shape, []).append(position)
+            order = [p for positions in by_shape.values() for p in positions]
+            plans.append(_Plan([layers[i] for i in members], [factors[i][1] for i in members],
+                               [[bases[p] for p in positions] for positions in by_shape.values()], order,
+                               torch.tensor(order, device=bases[0].device)))
+        return plans
 
     def _augmentation_gains(self, batch: _Batch, ranks: torch.Tensor, group: dict) -> torch.Tensor | float:
         """Scale of the new directions relative to ``lr``: 1 for SGD; for AdamW, Adam's normalisation
@@ -248,37 +278,30 @@ class GeoLoRAOptimizer(torch.optim.Optimizer):
         """Factors as views of one stacked tensor: batched results land in the parameters."""
         return self._stacked(role, factors, lambda i, view: setattr(factors[i], "data", view))
 
-    def _augment(self, factors: list[nn.Parameter], ranks: list[int], widths: list[int], overlaps: torch.Tensor,
-                 device) -> _Bases:
-        """Augment the bases ``factors`` (U and V factors alike) by their gradients (the K- and
-        L-gradients): stacked per factor shape, augmented in one call. ``overlaps[p]`` is factor p's
-        ``basis^T gradient``."""
-        by_shape: dict[torch.Size, list[int]] = {}
-        for position, factor in enumerate(factors):
-            by_shape.setdefault(factor.shape, []).append(position)
-        order = [p for positions in by_shape.values() for p in positions]
-        order_tensor = torch.tensor(order, device=device)
-        groups = [[factors[p] for p in positions] for positions in by_shape.values()]
-        shapes = [(len(g), *g[0].shape) for g in groups]
-        stacked = [self._stacked_factors("bases", g) for g in groups]
+    def _augment(self, plan: _Plan, ranks: list[int], widths: list[int], overlaps: torch.Tensor) -> _Bases:
+        """Augment a batch's bases (U and V factors alike) by their gradients (the K- and L-gradients),
+        stacked per factor shape, in one call. ``ranks``, ``widths`` and ``overlaps`` (each factor's
+        ``basis^T gradient``) run over the factors [U_1..U_B, V_1..V_B]."""
+        order, device = plan.order, plan.order_tensor.device
+        shapes = [(len(g), *g[0].shape) for g in plan.groups]
+        stacked = [self._stacked_factors("bases", g) for g in plan.groups]
         directions = [torch.stack([f.grad for f in g], out=self._scratch("directions", shape, g[0]))
-                      for g, shape in zip(groups, shapes)]
+                      for g, shape in zip(plan.groups, shapes)]
         narrow = [i for i, p in enumerate(order) if widths[p] < ranks[p]]
         augmented = augment_bases(stacked, directions, torch.tensor([ranks[p] for p in order], device=device),
                                   torch.tensor([widths[p] for p in order], device=device),
                                   torch.tensor(narrow, dtype=torch.long, device=device),
-                                  out=[self._scratch("columns", shape, g[0]) for g, shape in zip(groups, shapes)],
-                                  overwrite_directions=True, overlap=overlaps[order_tensor])
-        return _Bases(groups, stacked, order_tensor, augmented)
+                                  out=[self._scratch("columns", shape, g[0]) for g, shape in zip(plan.groups, shapes)],
+                                  overwrite_directions=True, overlap=overlaps[plan.order_tensor])
+        return _Bases(stacked, plan.order_tensor, augmented)
 
     def _augmented_svd(self, batch: _Batch, group: dict) -> _Decomposed:
         """For a batch of layers: augmented bases and the SVD (P, sigma, Q) of the augmented
         coefficient matrices, all at the fixed size R (the layers' maximum rank)."""
-        layers, device, max_rank = batch.layers, batch.s.device, batch.layers[0].max_rank
+        device, max_rank = batch.s.device, batch.plan.layers[0].max_rank
         host_widths = [min(r, max_rank - r) for r in batch.ranks]
         # The layers' S-gradient is U^T G_K (and transposed V^T G_L): the augmentation's first product.
-        bases = self._augment([l.U for l in layers] + [l.V for l in layers], batch.ranks * 2, host_widths * 2,
-                              torch.cat([batch.grad_s, batch.grad_s.mT]), device)
+        bases = self._augment(batch.plan, batch.ranks * 2, host_widths * 2, torch.cat([batch.grad_s, batch.grad_s.mT]))
         ranks, widths = torch.tensor(batch.ranks, device=device), torch.tensor(host_widths, device=device)
         u_factor, v_factor = bases.in_batch_order("r_factor")
         s = u_factor @ batch.s @ v_factor.mT  # S in the augmented bases
@@ -298,24 +321,24 @@ class GeoLoRAOptimizer(torch.optim.Optimizer):
     def _truncate(self, decomposed: list[_Decomposed]) -> None:
         """New ranks for every layer (one host sync), then rotate and cut the factors and moments."""
         if self.rank_budget is not None:
-            layers = [layer for d in decomposed for layer in d.batch.layers]
+            layers = [layer for d in decomposed for layer in d.batch.plan.layers]
             # Per layer: its singular values, then its capacity; batches may differ in R.
             rows = [torch.cat([d.sigma, d.capacity.unsqueeze(-1).to(d.sigma.dtype)], -1) for d in decomposed]
             flat = torch.cat([row.flatten() for row in rows]).double().cpu()  # the one host sync
             rows = [row for chunk, d in zip(flat.split([row.numel() for row in rows]), decomposed)
-                    for row in chunk.view(len(d.batch.layers), -1)]
+                    for row in chunk.view(len(d.batch.plan.layers), -1)]
             ranks = [r for d in decomposed for r in d.batch.ranks]
             lengths = [min(2 * r, layer.max_rank, int(row[-1])) for r, layer, row in zip(ranks, layers, rows)]
             new_ranks = budget_ranks([row[:n] for row, n in zip(rows, lengths)], self.rank_budget,
                                      [l.min_rank for l in layers], [l.max_rank for l in layers])
         else:  # one config per model: tau and the rank limits are those of the batch's first layer
-            new_ranks = torch.cat([torch.minimum(truncation_ranks(d.sigma, d.batch.layers[0].tau,
-                                                                  d.batch.layers[0].min_rank,
-                                                                  d.batch.layers[0].max_rank), d.capacity)
+            new_ranks = torch.cat([torch.minimum(truncation_ranks(d.sigma, d.batch.plan.layers[0].tau,
+                                                                  d.batch.plan.layers[0].min_rank,
+                                                                  d.batch.plan.layers[0].max_rank), d.capacity)
                                    for d in decomposed]).tolist()  # the sync
         start = 0
         for d in decomposed:
-            members, sigma = d.batch.layers, d.sigma
+            members, sigma = d.batch.plan.layers, d.sigma
             host_ranks = new_ranks[start:start + len(members)]
             start += len(members)
             keep = columns_in_use(torch.tensor(host_ranks, device=sigma.device), sigma.shape[-1]).to(sigma.dtype)
@@ -325,14 +348,15 @@ class GeoLoRAOptimizer(torch.optim.Optimizer):
             d.batch.s.copy_(torch.diag_embed(sigma * keep))
             self._transport_moments(d, keep.unsqueeze(-1) * keep.unsqueeze(-2))
             for layer, rank in zip(members, host_ranks):
-                layer.rank = rank
+                if layer.rank != rank:  # nn.Module's __setattr__ is slow enough to show here
+                    layer.rank = rank
 
     def _transport_moments(self, d: _Decomposed, block: torch.Tensor) -> None:
         """Adam moments of S carried into the new bases and cut to the new ranks (``block``): first into
         the augmented bases as S is (through the r_factors), then along the kept singular vectors."""
         if self.moment_transport == "reset":
-            for layer in d.batch.layers:
-                self.state[layer.S].clear()
+            for coefficients in d.batch.plan.coefficients:
+                self.state[coefficients].clear()
             return
         moments = d.batch.moments
         if "exp_avg" in moments:
