@@ -37,6 +37,16 @@ def relative_pivots(gram: torch.Tensor, norms: torch.Tensor, eps: float) -> torc
     return torch.diagonal(factor, dim1=-2, dim2=-1) ** 2 - shift
 
 
+def near_identity_rows(gram: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
+    """B x R bool: the rows j among ``columns`` (B x R bool) whose Gershgorin disc over those columns
+    lies in (0.5, 1.5): ``|g_jj - 1| + sum_{k != j} |g_jk| < 0.5``. The Gram matrix of any set of such
+    columns has all eigenvalues in (0.5, 1.5): they are a well-conditioned, nearly orthonormal set."""
+    mask = columns.to(gram.dtype)
+    diagonal = torch.diagonal(gram, dim1=-2, dim2=-1)
+    radius = (gram.abs() * mask.unsqueeze(-2)).sum(-1) - diagonal.abs()
+    return columns & ((diagonal - 1).abs() + radius < 0.5)
+
+
 def masked_cholesky(gram: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``(lower, inverse_t)`` with ``lower lower^T = gram`` on the ``valid`` rows/columns (B x R bool)
     and ``inverse_t = lower^-T`` there; both zero in the other rows/columns."""
@@ -127,10 +137,12 @@ def augment_bases(bases: list[torch.Tensor], directions: list[torch.Tensor], ran
                zip(bases, projections_of, on_projection.to(dtype).split(sizes), out or [None] * len(bases))]
     # The new columns are orthonormal up to the rounding of the small Gram matrices, which a direction
     # that lies almost in the span of the others (a few in 1/sqrt(eps)) can blow up: such a column comes
-    # out far from unit length or far from orthogonal and is left out too.
+    # out far from unit length or far from orthogonal (its Gershgorin disc leaves (0.5, 1.5)) and is left
+    # out too, which keeps the second factorisation well conditioned.
     gram = torch.cat([c.mT @ c for c in columns]).double()
-    sound = relative_pivots(gram, torch.diagonal(gram, dim1=-2, dim2=-1), eps) > 0.5
-    valid = in_use | (new & sound)
+    sound = near_identity_rows(gram, in_use | new)
+    # An old column far from orthonormal can only come from new columns gone wrong: keep the old alone.
+    valid = in_use | (new & sound & (sound | ~in_use).all(-1, keepdim=True))
     lower, mix = masked_cholesky(gram, valid)
     projections = mix.mT @ (overlap + on_projection.mT @ projected_gram)  # columns^T D = B^T D + T^T P^T P
     return Augmented(columns, mix.to(dtype), (lower.mT * old_block).to(dtype), projections.to(dtype), valid)

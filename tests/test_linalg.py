@@ -2,7 +2,7 @@
 import torch
 
 from geolora.linalg import (augment_bases, augmented_coefficients, budget_ranks, matched_identity, random_orthonormal,
-                            relative_pivots, transport_first_moment, transport_second_moment, truncation_ranks)
+                            near_identity_rows, relative_pivots, transport_first_moment, transport_second_moment, truncation_ranks)
 
 
 def test_random_orthonormal_is_orthonormal():
@@ -165,3 +165,27 @@ def test_second_moment_transport_keeps_total_and_sign():
     moved = transport_second_moment(v, p, q)
     assert (moved >= 0).all()
     assert torch.allclose(moved.sum(), v.sum(), rtol=1e-5)
+
+
+def test_near_identity_rows_select_well_conditioned_sets():
+    """Rows kept by the Gershgorin test span a Gram matrix with eigenvalues in (0.5, 1.5); a column
+    that nearly repeats another (or is far from unit length) is not kept, nor is one outside ``columns``."""
+    g = torch.Generator().manual_seed(0)
+    vectors = torch.linalg.qr(torch.randn(200, 64, 8, dtype=torch.float64, generator=g))[0]
+    vectors = vectors + 0.15 * torch.rand(200, 1, 1, dtype=torch.float64, generator=g) * torch.randn(
+        200, 64, 8, dtype=torch.float64, generator=g)
+    gram = vectors.mT @ vectors
+    columns = torch.rand(200, 8, generator=g) < 0.9
+    kept = near_identity_rows(gram, columns)
+    assert not (kept & ~columns).any()
+    assert 0 < kept.sum() < columns.sum()  # the random perturbations make some rows fail
+    for matrix, rows in zip(gram, kept):
+        eigenvalues = torch.linalg.eigvalsh(matrix[rows][:, rows])
+        assert eigenvalues.numel() == 0 or (eigenvalues.min() > 0.5 and eigenvalues.max() < 1.5)
+    basis = torch.eye(6, 4, dtype=torch.float64)
+    basis[:, 3] = basis[:, 2] + 1e-3 * basis[:, 0]  # column 3 nearly repeats column 2
+    twin = near_identity_rows((basis.mT @ basis).unsqueeze(0), torch.ones(1, 4, dtype=torch.bool))[0]
+    assert twin.tolist() == [True, True, False, False]
+    long = near_identity_rows(torch.diag_embed(torch.tensor([[1.0, 1.7, 1.0]], dtype=torch.float64)),
+                              torch.ones(1, 3, dtype=torch.bool))
+    assert long.tolist() == [[True, False, True]]
