@@ -166,7 +166,8 @@ class GeoLoRAOptimizer(torch.optim.Optimizer):
         """The moments of a batch's S factors as B x R x R tensors their states are views of (updating
         them costs one op per batch, not one per layer); and each layer's step."""
         states = [self.state[p] for p in coefficients]
-        moments = [self._moments(state, like[0]) for state in states]
+        template = like[0]
+        moments = [self._moments(state, template) for state in states]
         stacked = {key: self._stacked(key, [m[key] for m in moments],
                                       lambda i, view, key=key: states[i].__setitem__(key, view))
                    for key in moments[0]}
