@@ -257,8 +257,8 @@ class GeoLoRAOptimizer(torch.optim.Optimizer):
     def _scratch(self, role: str, shape: tuple, like: torch.Tensor) -> torch.Tensor:
         """A buffer kept across steps: on CPU a fresh allocation of the stacked n-sized factors each
         step costs page faults that rival the arithmetic done with them."""
-        key = (role, shape, like.dtype, like.device)
-        if key not in self._buffers:
+        key = (role, shape[1:], like.dtype, like.device)  # one per role and item shape: none pile up
+        if key not in self._buffers or self._buffers[key].shape != shape:
             self._buffers[key] = torch.empty(shape, dtype=like.dtype, device=like.device)
         return self._buffers[key]
 
@@ -267,7 +267,7 @@ class GeoLoRAOptimizer(torch.optim.Optimizer):
         """The stacked tensor that ``tensors`` are views of, so batched work reads and writes them in
         place. Made wherever they are not its views (the first step, after the model was moved or
         cast, or when the stepped layers change), then ``rebind(i, view)`` makes item i a view."""
-        key = (role, len(tensors), *tensors[0].shape, tensors[0].dtype, tensors[0].device)
+        key = (role, tensors[0].shape, tensors[0].dtype, tensors[0].device)  # as in _scratch
         stacked = self._buffers.get(key)
         if stacked is None or not _are_views(tensors, stacked):
             stacked = self._buffers[key] = torch.stack(tensors)

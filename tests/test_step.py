@@ -305,12 +305,13 @@ def test_factors_stay_views_of_the_stacked_tensor_and_are_restacked_when_replace
 
 
 def test_a_layer_can_sit_out_a_step_and_rejoin():
-    """The stacking plan follows the set of layers with gradients from step to step."""
+    """The stacking plan follows the set of layers with gradients from step to step, and the
+    optimizer's stacked buffers are replaced, not added to, when that set changes."""
     x, y = least_squares()
     model = nn.Sequential(nn.Linear(32, 8), nn.Tanh(), nn.Linear(8, 32))
     geolora.inject(model, geolora.GeoLoRAConfig(target_modules=["0", "2"], init_rank=3, max_rank=8, tau=0.05))
     opt = geolora.GeoLoRAOptimizer(model, lr=0.05)
-    for sitting_out in (None, 2, None, 0):
+    for step, sitting_out in enumerate((None, 2, None, 0)):
         mse(model, x, y).backward()
         if sitting_out is not None:
             for p in (model[sitting_out].U, model[sitting_out].S, model[sitting_out].V):
@@ -318,6 +319,8 @@ def test_a_layer_can_sit_out_a_step_and_rejoin():
             before = model[sitting_out].delta_weight().clone()
         opt.step()
         opt.zero_grad()
+        buffers = len(opt._buffers) if step == 0 else buffers
         if sitting_out is not None:
             assert torch.equal(model[sitting_out].delta_weight(), before)
+    assert len(opt._buffers) == buffers
     assert all(torch.isfinite(p).all() for p in model.parameters())
