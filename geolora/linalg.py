@@ -78,7 +78,8 @@ class Augmented(NamedTuple):
 
 def augment_bases(bases: list[torch.Tensor], directions: list[torch.Tensor], ranks: torch.Tensor,
                   widths: torch.Tensor, narrow: torch.Tensor | None = None, out: list[torch.Tensor] | None = None,
-                  overwrite_directions: bool = False, overlap: torch.Tensor | None = None) -> Augmented:
+                  projections_out: list[torch.Tensor] | None = None, overlap: torch.Tensor | None = None
+                  ) -> Augmented:
     """Extend each basis by up to ``widths[i]`` directions of ``(I - B B^T) directions``, for stacks of
     layers of different ranks held in fixed-size buffers.
 
@@ -101,8 +102,8 @@ def augment_bases(bases: list[torch.Tensor], directions: list[torch.Tensor], ran
     factorisation removes the first one's rounding); later the product with the rotation. The small
     linear algebra runs once for all groups. ``narrow`` lists the items with ``widths[i] < ranks[i]``
     (the only ones that need the ordering); callers that know them on the host pass them, which spares
-    a device sync. ``out[g]`` receives group g's columns, and with ``overwrite_directions`` the
-    projection is written over the directions: callers that step every iteration reuse their buffers.
+    a device sync. ``out[g]`` receives group g's columns and ``projections_out[g]`` its projection (it
+    may be ``directions[g]`` itself): callers that step every iteration reuse their buffers.
     ``overlap`` (B x R x R, ``B^T D`` of every item) spares the first matmul where the caller already has
     it: GeoLoRA's S-gradient is ``U^T G_K``, and its transpose ``V^T G_L``.
     """
@@ -114,8 +115,8 @@ def augment_bases(bases: list[torch.Tensor], directions: list[torch.Tensor], ran
     sizes = [basis.shape[0] for basis in bases]
     overlaps = [b.mT @ d for b, d in zip(bases, directions)] if overlap is None else overlap.split(sizes)  # B^T D
     projections_of, grams = [], []
-    for basis, direction, part in zip(bases, directions, overlaps):
-        projection = (direction if overwrite_directions else direction.clone()).baddbmm_(basis, part, alpha=-1)
+    for basis, direction, part, o in zip(bases, directions, overlaps, projections_out or [None] * len(bases)):
+        projection = torch.baddbmm(direction, basis, part, alpha=-1, out=o)
         projections_of.append(projection)
         grams.append(projection.mT @ projection)  # P^T P
     overlap = torch.cat(overlaps).double() * old_block

@@ -29,7 +29,7 @@ from typing import Callable, NamedTuple
 import torch
 from torch import nn
 
-from .layer import GeoLoRALinear
+from .layer import GeoLoRALinear, GradientSlot
 from .linalg import (Augmented, augment_bases, augmented_coefficients, budget_ranks, columns_in_use,
                      matched_identity, transport_first_moment, transport_second_moment, truncation_ranks)
 from .model import adapters, config_of
@@ -45,6 +45,7 @@ class _Plan(NamedTuple):
     layers: list[GeoLoRALinear]
     coefficients: list[nn.Parameter]  # each layer's S
     groups: list[list[nn.Parameter]]  # the layers' U and V factors grouped by shape
+    slots: list[list[GradientSlot]]  # where the backward writes their gradients, grouped alike
     order: list[int]  # item i of the augmentation is factor order[i] of [U_1..U_B, V_1..V_B]
     order_tensor: torch.Tensor
 
@@ -89,7 +90,8 @@ class _Decomposed(NamedTuple):
 def _are_views(tensors: list[torch.Tensor], stacked: torch.Tensor) -> bool:
     """Whether each ``tensors[i]`` lies where ``stacked[i]`` does (same shape assumed)."""
     start, stride = stacked.data_ptr(), stacked.stride(0) * stacked.element_size()
-    return stacked.shape[0] == len(tensors) and all(t.data_ptr() == start + i * stride for i, t in enumerate(tensors))
+    return stacked.shape[0] == len(tensors) and all(t is not None and t.data_ptr() == start + i * stride
+                                                    for i, t in enumerate(tensors))
 
 
 class GeoLoRAOptimizer(torch.optim.Optimizer):
@@ -103,8 +105,10 @@ class GeoLoRAOptimizer(torch.optim.Optimizer):
     linear algebra), so the cost per step hardly grows with the number of layers. From the first step
     on, the factors of each shape are views of one stacked tensor (as are the S moments in the state),
     so batched results land in the parameters without copies; moving or casting the model breaks the
-    views and the next step restacks. Stacked gradients and new columns live in buffers kept between
-    steps (``_scratch``): about twice the adapters' size in extra memory.
+    views and the next step restacks. The backward writes ``U.grad`` and ``V.grad`` into stacked
+    buffers this optimizer lends the layers (``GradientSlot``), so the step reads them without a copy;
+    the projected gradients and new columns live in two more buffers kept between steps (``_scratch``):
+    about twice the adapters' size in extra memory. ``step()`` never changes the gradients.
     """
 
     def __init__(self, model: nn.Module, lr: float = 1e-3, weight_decay: float = 0.0,
@@ -223,6 +227,9 @@ class GeoLoRAOptimizer(torch.optim.Optimizer):
                 batches.append(_Batch(plan, [l.rank for l in plan.layers], s, grad_s, moments, steps))
         if batches:
             self._truncate([self._augmented_svd(batch, group) for batch in batches])
+        for layer in self.layers:  # their gradients are consumed: the next backward may write the slots
+            for slot in layer.gradient_slots:
+                slot.task = None
 
     @staticmethod
     def _make_plans(layers: list[GeoLoRALinear], factors: list[list[nn.Parameter]]) -> list[_Plan]:
@@ -235,12 +242,14 @@ class GeoLoRAOptimizer(torch.optim.Optimizer):
         plans = []
         for members in by_rank.values():
             bases = [factors[i][0] for i in members] + [factors[i][2] for i in members]
+            slots = [layers[i].gradient_slots[side] for side in (0, 1) for i in members]
             by_shape: dict[torch.Size, list[int]] = {}
             for position, basis in enumerate(bases):
                 by_shape.setdefault(basis.shape, []).append(position)
             order = [p for positions in by_shape.values() for p in positions]
             plans.append(_Plan([layers[i] for i in members], [factors[i][1] for i in members],
-                               [[bases[p] for p in positions] for positions in by_shape.values()], order,
+                               [[bases[p] for p in positions] for positions in by_shape.values()],
+                               [[slots[p] for p in positions] for positions in by_shape.values()], order,
                                torch.tensor(order, device=bases[0].device)))
         return plans
 
@@ -279,6 +288,22 @@ class GeoLoRAOptimizer(torch.optim.Optimizer):
         """Factors as views of one stacked tensor: batched results land in the parameters."""
         return self._stacked(role, factors, lambda i, view: setattr(factors[i], "data", view))
 
+    def _directions(self, factors: list[nn.Parameter], slots: list[GradientSlot], shape: tuple
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The stacked gradients of same-shaped factors, and where to write their projection. Read in
+        place where the backward wrote them into the slots this optimizer lends (the projection then
+        goes to a buffer of its own: ``.grad`` stays untouched); otherwise copied into that buffer,
+        which the projection overwrites, and the slots are lent for the next backward."""
+        grads = [f.grad for f in factors]
+        own = self._scratch("projections", shape, factors[0])
+        lent = self._scratch("gradients", shape, factors[0])
+        if _are_views(grads, lent):
+            return lent, own
+        if not _are_views([slot.tensor for slot in slots], lent):
+            for slot, view in zip(slots, lent.unbind()):
+                slot.tensor = view
+        return torch.stack(grads, out=own), own
+
     def _augment(self, plan: _Plan, ranks: list[int], widths: list[int], overlaps: torch.Tensor) -> _Bases:
         """Augment a batch's bases (U and V factors alike) by their gradients (the K- and L-gradients),
         stacked per factor shape, in one call. ``ranks``, ``widths`` and ``overlaps`` (each factor's
@@ -286,14 +311,14 @@ class GeoLoRAOptimizer(torch.optim.Optimizer):
         order, device = plan.order, plan.order_tensor.device
         shapes = [(len(g), *g[0].shape) for g in plan.groups]
         stacked = [self._stacked_factors("bases", g) for g in plan.groups]
-        directions = [torch.stack([f.grad for f in g], out=self._scratch("directions", shape, g[0]))
-                      for g, shape in zip(plan.groups, shapes)]
+        directions, projections = zip(*[self._directions(g, slots, shape) for g, slots, shape
+                                        in zip(plan.groups, plan.slots, shapes)])
         narrow = [i for i, p in enumerate(order) if widths[p] < ranks[p]]
         augmented = augment_bases(stacked, directions, torch.tensor([ranks[p] for p in order], device=device),
                                   torch.tensor([widths[p] for p in order], device=device),
                                   torch.tensor(narrow, dtype=torch.long, device=device),
                                   out=[self._scratch("columns", shape, g[0]) for g, shape in zip(plan.groups, shapes)],
-                                  overwrite_directions=True, overlap=overlaps[plan.order_tensor])
+                                  projections_out=projections, overlap=overlaps[plan.order_tensor])
         return _Bases(stacked, plan.order_tensor, augmented)
 
     def _augmented_svd(self, batch: _Batch, group: dict) -> _Decomposed:
