@@ -87,6 +87,12 @@ class _Decomposed(NamedTuple):
     capacity: torch.Tensor  # B: the most columns both augmented bases can give
 
 
+def _buffer_key(role: str, item_shape: tuple, like: torch.Tensor) -> tuple:
+    """Buffers are kept one per role and item shape (and dtype, device): none pile up when the number
+    of stacked items changes."""
+    return role, tuple(item_shape), like.dtype, like.device
+
+
 def _are_views(tensors: list[torch.Tensor], stacked: torch.Tensor) -> bool:
     """Whether each ``tensors[i]`` lies where ``stacked[i]`` does (same shape assumed)."""
     start, stride = stacked.data_ptr(), stacked.stride(0) * stacked.element_size()
@@ -266,7 +272,7 @@ class GeoLoRAOptimizer(torch.optim.Optimizer):
     def _scratch(self, role: str, shape: tuple, like: torch.Tensor) -> torch.Tensor:
         """A buffer kept across steps: on CPU a fresh allocation of the stacked n-sized factors each
         step costs page faults that rival the arithmetic done with them."""
-        key = (role, shape[1:], like.dtype, like.device)  # one per role and item shape: none pile up
+        key = _buffer_key(role, shape[1:], like)
         if key not in self._buffers or self._buffers[key].shape != shape:
             self._buffers[key] = torch.empty(shape, dtype=like.dtype, device=like.device)
         return self._buffers[key]
@@ -276,7 +282,7 @@ class GeoLoRAOptimizer(torch.optim.Optimizer):
         """The stacked tensor that ``tensors`` are views of, so batched work reads and writes them in
         place. Made wherever they are not its views (the first step, after the model was moved or
         cast, or when the stepped layers change), then ``rebind(i, view)`` makes item i a view."""
-        key = (role, tensors[0].shape, tensors[0].dtype, tensors[0].device)  # as in _scratch
+        key = _buffer_key(role, tensors[0].shape, tensors[0])
         stacked = self._buffers.get(key)
         if stacked is None or not _are_views(tensors, stacked):
             stacked = self._buffers[key] = torch.stack(tensors)
