@@ -8,54 +8,16 @@ The backward pass stores in ``U.grad`` and ``V.grad`` the K- and L-gradients the
 ``dL/dK = grad_W V`` and ``dL/dL = grad_W^T U`` (with ``K = U S``, ``L = V S^T``), not ``dL/dU`` and
 ``dL/dV``. They cost the same matmuls as the usual factor gradients and are exact from ``S = 0`` on.
 Keeping them in ``.grad`` lets gradient clipping, ``GradScaler`` and data-parallel all-reduce treat
-them like any other gradient. ``S.grad`` is the ordinary ``dL/dS = U^T grad_W V``. Where the
-optimizer lends them (``GradientSlot``), ``U.grad`` and ``V.grad`` are written into its buffers.
+them like any other gradient. ``S.grad`` is the ordinary ``dL/dS = U^T grad_W V``.
 """
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .config import GeoLoRAConfig
 from .linalg import random_orthonormal
-
-
-class GradientSlot:
-    """Storage an optimizer lends one factor's gradient: a view of a stacked buffer it keeps. The
-    backward writes the gradient there instead of into a fresh tensor, so the step reads the
-    gradients of a shape stacked without copying them and ``zero_grad`` frees nothing n-sized.
-
-    The slot is written only when nothing else holds it: the factor is a leaf without a gradient (else
-    autograd accumulates a fresh one into the existing gradient) and the slot is not waiting in another
-    backward pass; ``task`` is the pass that holds it until the optimizer's step consumes it. A layer
-    called twice in one pass (a shared projection) adds its second gradient into the slot, which the
-    engine has not summed yet, and returns none. Like gradients zeroed in place, a reference to
-    ``U.grad`` kept across ``zero_grad`` sees the next backward's values: clone it to keep it.
-    """
-
-    __slots__ = ("tensor", "task")
-
-    def __init__(self) -> None:
-        self.tensor: torch.Tensor | None = None
-        self.task: int | None = None
-
-    def __reduce__(self) -> tuple:  # a copied or pickled layer starts without the optimizer's storage
-        return GradientSlot, ()
-
-    def gradient(self, columns: torch.Tensor, factor: torch.Tensor) -> torch.Tensor | None:
-        """The gradient to return for ``factor``: ``columns`` (n x rank), zero beyond the rank."""
-        task, rank, slot = torch._C._current_graph_task_id(), columns.shape[1], self.tensor
-        if self.task == task:  # handed out earlier in this pass, still unsummed
-            slot[:, :rank] += columns
-            return None
-        if (not factor.is_leaf or factor.grad is not None or self.task is not None or slot is None
-                or slot.shape != factor.shape or slot.dtype != factor.dtype or slot.device != factor.device):
-            slot = torch.zeros_like(factor)
-        else:
-            self.task = task
-            slot[:, rank:] = 0
-        slot[:, :rank] = columns
-        return slot.view_as(slot)  # a new tensor only the engine holds: autograd adopts it, no copy
 
 
 class _LowRankProduct(torch.autograd.Function):
@@ -67,11 +29,11 @@ class _LowRankProduct(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, U: torch.Tensor, S: torch.Tensor, V: torch.Tensor, rank: int,
-                alpha: float, slots: tuple[GradientSlot, GradientSlot]) -> torch.Tensor:
+                alpha: float) -> torch.Tensor:
         u, s, v = U[:, :rank], S[:rank, :rank], V[:, :rank]
         xv = x @ v
         ctx.save_for_backward(x, U, S, V, xv)
-        ctx.rank, ctx.alpha, ctx.slots = rank, alpha, slots
+        ctx.rank, ctx.alpha = rank, alpha
         return ((xv @ (alpha * s).T) @ u.T)
 
     @staticmethod
@@ -92,10 +54,10 @@ class _LowRankProduct(torch.autograd.Function):
         grad_k = (g.T @ xv2).to(U.dtype)
         grad_s = torch.zeros_like(S)
         grad_s[:rank, :rank] = U[:, :rank].T @ grad_k
-        slot_u, slot_v = ctx.slots
-        grad_u = slot_u.gradient(grad_k, U) if ctx.needs_input_grad[1] else None
-        grad_v = slot_v.gradient((x2.T @ gu).to(V.dtype), V) if ctx.needs_input_grad[3] else None
-        return grad_x, grad_u, grad_s, grad_v, None, None, None
+        padding = (0, U.shape[1] - rank)  # the factor gradients at the factors' full fixed shape
+        grad_u = F.pad(grad_k, padding) if ctx.needs_input_grad[1] else None
+        grad_v = F.pad((x2.T @ gu).to(V.dtype), padding) if ctx.needs_input_grad[3] else None
+        return grad_x, grad_u, grad_s, grad_v, None, None
 
 
 class GeoLoRALinear(nn.Module):
@@ -128,7 +90,6 @@ class GeoLoRALinear(nn.Module):
         self.U = nn.Parameter(u)
         self.S = nn.Parameter(torch.zeros(self.max_rank, self.max_rank, device=device, dtype=dtype))
         self.V = nn.Parameter(v)
-        self.gradient_slots = (GradientSlot(), GradientSlot())  # for U.grad and V.grad, lent by an optimizer
 
     # Factors in use at the current rank.
     @property
@@ -150,8 +111,7 @@ class GeoLoRALinear(nn.Module):
         x = self.dropout(x)
         if not torch.is_autocast_enabled(x.device.type):
             x = x.to(self.U.dtype)
-        return out + _LowRankProduct.apply(x, self.U, self.S, self.V, self.rank, self.alpha,
-                                                 self.gradient_slots).to(out.dtype)
+        return out + _LowRankProduct.apply(x, self.U, self.S, self.V, self.rank, self.alpha).to(out.dtype)
 
     def delta_weight(self) -> torch.Tensor:
         """The adapter as a dense (out x in) weight: ``alpha * U S V^T``."""

@@ -24,17 +24,10 @@ def columns_in_use(ranks: torch.Tensor, width: int) -> torch.Tensor:
     return torch.arange(width, device=ranks.device) < ranks.unsqueeze(-1)
 
 
-def relative_pivots(gram: torch.Tensor, norms: torch.Tensor, eps: float) -> torch.Tensor:
-    """For the Gram matrix of columns p_1..p_R (B x R x R) and reference squared norms (B x R): the
-    squared distance of each ``p_j / sqrt(norms_j)`` from the span of the columns before it (0 for a
-    zero column). ``gram`` is taken as accurate to ``eps`` relative to its diagonal: a diagonal shift
-    of ten times that keeps the Cholesky factorisation defined whatever the rounding."""
-    gram = gram.double()
-    scale = torch.where(norms > 0, norms.double().clamp_min(1e-300).rsqrt(), 0.0)
-    scaled = scale.unsqueeze(-1) * gram * scale.unsqueeze(-2)
-    shift = 10 * eps * torch.diagonal(scaled, dim1=-2, dim2=-1) + 1e-30
-    factor = torch.linalg.cholesky_ex(scaled + torch.diag_embed(shift)).L
-    return torch.diagonal(factor, dim1=-2, dim2=-1) ** 2 - shift
+def noise_floor(dtype: torch.dtype) -> float:
+    """Relative size below which a projected gradient direction is rounding, not a direction: 30 eps of
+    the data type, and no finer than a float64 Gram matrix resolves (``sqrt(1000 eps_64)``)."""
+    return max(30 * torch.finfo(dtype).eps, (1e3 * torch.finfo(torch.float64).eps) ** 0.5)
 
 
 def near_identity_rows(gram: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
@@ -69,6 +62,7 @@ class Augmented(NamedTuple):
     r_factor: torch.Tensor  # basis[:, :r] = augmented[:, :r] @ r_factor[:r, :r]; zero outside r x r
     projections: torch.Tensor  # augmented^T directions (B x R x R; directions' columns beyond r: zero)
     valid: torch.Tensor  # B x R bool: columns of the augmented basis in use; the others are zero
+    finite: torch.Tensor  # B bool: the item's directions and basis^T directions were all finite
 
     def product(self, rotation: torch.Tensor, out: list[torch.Tensor | None] | None = None) -> list[torch.Tensor]:
         """``augmented_g @ rotation[items of g]`` for each group (``rotation`` B x R x R)."""
@@ -77,11 +71,11 @@ class Augmented(NamedTuple):
 
 
 def augment_bases(bases: list[torch.Tensor], directions: list[torch.Tensor], ranks: torch.Tensor,
-                  widths: torch.Tensor, narrow: torch.Tensor | None = None, out: list[torch.Tensor] | None = None,
+                  widths: torch.Tensor, out: list[torch.Tensor] | None = None,
                   projections_out: list[torch.Tensor] | None = None, overlap: torch.Tensor | None = None
                   ) -> Augmented:
-    """Extend each basis by up to ``widths[i]`` directions of ``(I - B B^T) directions``, for stacks of
-    layers of different ranks held in fixed-size buffers.
+    """Extend each basis by the strongest ``widths[i]`` directions of ``(I - B B^T) directions``, for
+    stacks of layers of different ranks held in fixed-size buffers.
 
     ``bases[g]`` and ``directions[g]`` are B_g x n_g x R (groups may differ in n, not in R); ``ranks``,
     ``widths`` and the results run over the groups' items in order. Item i uses the first ``ranks[i]``
@@ -89,26 +83,23 @@ def augment_bases(bases: list[torch.Tensor], directions: list[torch.Tensor], ran
     basis beyond the rank must be zero (the layers keep them so); those of the directions are ignored.
     The augmented basis has orthonormal ``valid`` columns: the first r span the basis (``r_factor`` is
     I up to the rounding the basis has accumulated, so every step re-orthonormalises it for free); the
-    next ``widths[i]`` hold the strongest projected directions (ordered by strength, eigenvectors of
-    their Gram matrix, when fewer columns than directions fit). A direction that adds almost nothing
-    new (zero, or its part outside the basis and the stronger directions is below ``sqrt(100 eps)`` of
-    its norm: 0.35% in float32) is left out: its column is zero and not ``valid``; what it loses is
-    below that relative size.
+    next ones hold the projected directions, strongest first: the eigenvectors of their Gram matrix
+    ``P^T P`` (float64), i.e. the left singular vectors of ``P``. Directions whose singular value is below
+    ``noise_floor`` times the norm of the item's directions are rounding (a rank-deficient gradient
+    leaves such): they get no column, so what the basis misses of ``P`` is below that relative size.
 
-    The n-sized data is read by six batched matmuls per group: ``B^T D``; the projection
+    The n-sized data is read by seven batched matmuls per group: ``B^T D``; the projection
     ``P = D - B B^T D`` (explicit, so a gradient lying mostly in the basis loses no precision to
-    cancellation) and its Gram matrix; the columns ``B + P T`` with ``T`` from that R x R Gram matrix
-    (float64); their Gram matrix, whose Cholesky factor gives ``mix`` (CholeskyQR2: the second
-    factorisation removes the first one's rounding); later the product with the rotation. The small
-    linear algebra runs once for all groups. ``narrow`` lists the items with ``widths[i] < ranks[i]``
-    (the only ones that need the ordering); callers that know them on the host pass them, which spares
-    a device sync. ``out[g]`` receives group g's columns and ``projections_out[g]`` its projection (it
-    may be ``directions[g]`` itself): callers that step every iteration reuse their buffers.
-    ``overlap`` (B x R x R, ``B^T D`` of every item) spares the first matmul where the caller already has
-    it: GeoLoRA's S-gradient is ``U^T G_K``, and its transpose ``V^T G_L``.
+    cancellation) and its Gram matrix; the columns ``C = B + P T``, T from the eigenvectors; their Gram
+    matrix, whose Cholesky factor gives ``mix`` (the second pass of CholeskyQR2, which removes the first
+    pass's rounding); ``C^T P`` for the coefficients; later the product with the rotation. The small linear algebra runs once for all
+    groups. ``out[g]`` receives group g's columns and ``projections_out[g]`` its projection (it may be
+    ``directions[g]`` itself): callers that step every iteration reuse their buffers. ``overlap``
+    (B x R x R, ``B^T D`` of every item) spares the first matmul where the caller already has it:
+    GeoLoRA's S-gradient is ``U^T G_K``, and its transpose ``V^T G_L``. Non-finite directions make
+    ``finite`` false for their item; its other results are then meaningless but finite-sized work.
     """
     dtype, width = bases[0].dtype, bases[0].shape[-1]
-    eps = torch.finfo(dtype).eps
     in_use = columns_in_use(ranks, width)
     old = in_use.double()
     old_block = old.unsqueeze(-1) * old.unsqueeze(-2)
@@ -118,35 +109,38 @@ def augment_bases(bases: list[torch.Tensor], directions: list[torch.Tensor], ran
     for basis, direction, part, o in zip(bases, directions, overlaps, projections_out or [None] * len(bases)):
         projection = torch.baddbmm(direction, basis, part, alpha=-1, out=o)
         projections_of.append(projection)
-        grams.append(projection.mT @ projection)  # P^T P
+        wide = projection.double()
+        grams.append(wide.mT @ wide)  # P^T P, exact for float32 data
     overlap = torch.cat(overlaps).double() * old_block
-    projected_gram = torch.cat(grams).double() * old_block
+    projected_gram = torch.cat(grams) * old_block
+    square = torch.diagonal(projected_gram, dim1=-2, dim2=-1).sum(-1) + overlap.pow(2).sum((-2, -1))  # |D|^2
+    finite = torch.isfinite(square)
+    projected_gram = torch.where(finite.view(-1, 1, 1), projected_gram, 0.0)
+    strength, vectors = torch.linalg.eigh(projected_gram)  # ascending
+    strength, vectors = strength.flip(-1), vectors.flip(-1) * old.unsqueeze(-1)
     slot = torch.arange(width, device=ranks.device)
-    # place[j, r + j] = 1 for j < a: direction j becomes augmented column r + j.
-    place = ((slot.view(1, -1, 1) + ranks.view(-1, 1, 1) == slot.view(1, 1, -1))
-             & (slot.view(1, -1, 1) < widths.view(-1, 1, 1))).double()
-    narrow = torch.nonzero(widths < ranks).flatten() if narrow is None else narrow
-    if narrow.numel():  # strongest directions first: eigenvectors of their projected Gram matrix
-        ordered = torch.linalg.eigh(projected_gram[narrow])[1].flip(-1) * old[narrow].unsqueeze(-1) @ place[narrow]
-        place = place.index_copy(0, narrow, ordered)
-    candidates = place.mT @ projected_gram @ place
-    norms = torch.diagonal(candidates + place.mT @ overlap.mT @ overlap @ place, dim1=-2, dim2=-1)  # |D place|^2
-    new = columns_in_use(ranks + widths, width) & ~in_use & (relative_pivots(candidates, norms, eps) >= 100 * eps)
-    _, orthonormalise = masked_cholesky(candidates, new)
-    on_projection = place @ orthonormalise
+    strong = (strength > noise_floor(dtype) ** 2 * torch.where(finite, square, 0.0).unsqueeze(-1)) \
+        & (slot < widths.unsqueeze(-1))
+    # place[k, r + k] = 1 for the strong directions k: direction k becomes augmented column r + k.
+    place = ((slot.view(1, -1, 1) + ranks.view(-1, 1, 1) == slot.view(1, 1, -1)) & strong.unsqueeze(-1)).double()
+    new = place.sum(-2) > 0
+    on_projection = vectors * torch.where(strong, strength, 1.0).rsqrt().unsqueeze(-2) @ place
     columns = [torch.baddbmm(basis, projection, t, out=o) for basis, projection, t, o in
                zip(bases, projections_of, on_projection.to(dtype).split(sizes), out or [None] * len(bases))]
-    # The new columns are orthonormal up to the rounding of the small Gram matrices, which a direction
-    # that lies almost in the span of the others (a few in 1/sqrt(eps)) can blow up: such a column comes
-    # out far from unit length or far from orthogonal (its Gershgorin disc leaves (0.5, 1.5)) and is left
-    # out too, which keeps the second factorisation well conditioned.
+    # The new columns are orthonormal up to the rounding of forming them, below 0.1 for any direction
+    # above the noise floor. A column whose Gershgorin disc leaves (0.5, 1.5) can only come from
+    # non-finite or overflowing data: it is left out, which keeps the second factorisation defined.
     gram = torch.cat([c.mT @ c for c in columns]).double()
     sound = near_identity_rows(gram, in_use | new)
     # An old column far from orthonormal can only come from new columns gone wrong: keep the old alone.
     valid = in_use | (new & sound & (sound | ~in_use).all(-1, keepdim=True))
     lower, mix = masked_cholesky(gram, valid)
-    projections = mix.mT @ (overlap + on_projection.mT @ projected_gram)  # columns^T D = B^T D + T^T P^T P
-    return Augmented(columns, mix.to(dtype), (lower.mT * old_block).to(dtype), projections.to(dtype), valid)
+    # columns^T D = columns^T P + columns^T B B^T D, from the columns as formed: a weak direction's column
+    # carries rounding of relative size eps / strength, which must not reach its coefficient.
+    formed = torch.cat([c.mT @ p for c, p in zip(columns, projections_of)]).double()
+    projections = mix.mT @ (formed + gram @ overlap)
+    return Augmented(columns, mix.to(dtype), (lower.mT * old_block).to(dtype), projections.to(dtype), valid,
+                     finite & torch.isfinite(gram).all((-2, -1)))
 
 
 def matched_identity(rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
@@ -157,21 +151,22 @@ def matched_identity(rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
 
 
 def augmented_coefficients(s_new: torch.Tensor, basis_t_grad_k: torch.Tensor, grad_l_t_basis: torch.Tensor,
-                           ranks: torch.Tensor, widths: torch.Tensor, lr: float | torch.Tensor) -> torch.Tensor:
+                           ranks: torch.Tensor, widths: torch.Tensor, step_k: float | torch.Tensor,
+                           step_l: float | torch.Tensor) -> torch.Tensor:
     """The coefficient matrix of the augmented bases ``[U Ubar], [V Vbar]`` (B x R x R, padded).
 
-    Blocks: ``[[S', -lr G_L^T Vbar], [-lr Ubar^T G_K, 0]]``: the K- and L-steps of the parallel
-    rank-adaptive integrator written in the augmented bases (``Ubar^T U = 0``, ``Vbar^T V = 0``).
-    Inputs are in the padded layout of ``augment_bases``: ``s_new`` is zero outside r x r,
-    ``basis_t_grad_k = augmented_U^T G_K`` and ``grad_l_t_basis = G_L^T augmented_V``; rows/columns
-    r..r+a hold the new directions and everything beyond r + a is masked to zero. ``lr`` may hold one
-    step size per layer (shape B x 1 x 1).
+    Blocks: ``[[S', -h_L G_L^T Vbar], [-h_K Ubar^T G_K, 0]]``: the K- and L-steps of the parallel
+    rank-adaptive integrator written in the augmented bases (``Ubar^T U = 0``, ``Vbar^T V = 0``), with
+    step sizes ``h_K``, ``h_L`` (scalars or one per layer, B x 1 x 1). Inputs are in the padded layout of
+    ``augment_bases``: ``s_new`` is zero outside r x r, ``basis_t_grad_k = augmented_U^T G_K`` and
+    ``grad_l_t_basis = G_L^T augmented_V``; rows/columns r..r+a hold the new directions and everything
+    beyond r + a is masked to zero.
     """
     width = s_new.shape[-1]
     old = columns_in_use(ranks, width)
     new = columns_in_use(ranks + widths, width) & ~old
     lower_left = (new.unsqueeze(-1) & old.unsqueeze(-2)).to(s_new.dtype)
-    return s_new - lr * (basis_t_grad_k * lower_left + grad_l_t_basis * lower_left.mT)
+    return s_new - step_k * basis_t_grad_k * lower_left - step_l * grad_l_t_basis * lower_left.mT
 
 
 def truncation_ranks(sigmas: torch.Tensor, tau: float, min_rank: int, max_rank: int) -> torch.Tensor:
@@ -187,15 +182,17 @@ def truncation_ranks(sigmas: torch.Tensor, tau: float, min_rank: int, max_rank: 
 def budget_ranks(sigmas: list[torch.Tensor], budget: int, min_ranks: list[int], max_ranks: list[int]) -> list[int]:
     """Per-layer ranks for a global budget of singular values (each list sorted descending).
 
-    Every layer keeps its ``min_rank``; the rest of the budget goes to the largest remaining singular
-    values over all layers (ties to the earlier layer), each layer capped at its ``max_rank``. The total
-    is exactly ``budget`` unless the minimum ranks alone exceed it or the caps cannot hold it.
+    Every layer keeps its ``min_rank``; the rest of the budget goes to the largest remaining nonzero
+    singular values over all layers (ties to the earlier layer), each layer capped at its ``max_rank``.
+    The total is exactly ``budget`` unless the minimum ranks alone exceed it, the caps cannot hold it or
+    fewer nonzero singular values are left (zero ones add nothing to the adapter but parameters).
     """
     floors = [min(lo, s.numel()) for lo, s in zip(min_ranks, sigmas)]
     caps = [max(min(hi, s.numel()), f) for hi, s, f in zip(max_ranks, sigmas, floors)]
     values = torch.cat([s.detach().double().cpu()[f:c] for s, f, c in zip(sigmas, floors, caps)])
     layer_of = torch.cat([torch.full((c - f,), i) for i, (f, c) in enumerate(zip(floors, caps))])
     kept = torch.argsort(values, descending=True, stable=True)[:max(budget - sum(floors), 0)]
+    kept = kept[values[kept] > 0]
     extra = torch.bincount(layer_of[kept], minlength=len(sigmas)).tolist()
     return [f + e for f, e in zip(floors, extra)]
 

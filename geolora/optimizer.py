@@ -1,21 +1,27 @@
 """GeoLoRAOptimizer: one backward pass per step, then the rank-adaptive geometric update.
 
-Per adapter (rank r, maximum rank R), from ``S.grad`` and the exact K-/L-gradients in ``U.grad`` /
-``V.grad`` (see ``layer.py``):
+The step is ``geolora.reference.ReferenceStep`` (the specification, one layer at a time) computed for
+all layers of one maximum rank at once. Per adapter (rank r, maximum rank R), from ``S.grad`` and the
+exact K-/L-gradients in ``U.grad`` / ``V.grad`` (see ``layer.py``):
 
 1. ``S' =`` base-optimizer step (AdamW or SGD) on S;
-2. augment the bases with ``a = min(r, R - r)`` new directions from ``(I - UU^T) G_K`` and
-   ``(I - VV^T) G_L``;
-3. SVD of the augmented coefficients ``[[S', -lr G_L^T Vbar], [-lr Ubar^T G_K, 0]]``;
+2. augment the bases with the strongest ``a = min(r, R - r)`` directions ``Ubar``, ``Vbar`` of
+   ``(I - UU^T) G_K`` and ``(I - VV^T) G_L``;
+3. SVD ``(P, Sigma, Q)`` of the augmented coefficients ``[[S', -h_L G_L^T Vbar], [-h_K Ubar^T G_K, 0]]``;
 4. truncate (relative tau rule per layer, or a global ``rank_budget``) and rotate U, V, S.
 
 With ``coefficient_steps = c``, steps 2-4 run every ``c + 1`` steps and only S moves in between.
-Rank decisions need the singular values on the host: one device sync per adapting step.
 
-With AdamW, the augmented blocks use Adam's per-layer normalisation of the S-gradients as their step
-size (``precondition_augmentation``): plain ``lr`` times a raw gradient is orders of magnitude below
-an Adam step, so new directions would always be truncated and ranks could only shrink. With SGD the
-step is exactly the integrator above.
+The step size of the new blocks is ``h = lr`` with SGD (exactly the integrator). With AdamW it is
+``lr / (sqrt(v) + eps)``, v a running mean square of the block's entries per layer and side (its first
+value as is, then averaged with ``beta2``): the new directions enter at Adam's scale, entries of order
+lr whatever the size of G_K against G_S, and the rule is basis-independent (v is a norm of the block).
+
+The step is atomic: every gradient is checked (its finiteness comes out of sums the step computes
+anyway) and the result is only written once the ranks and the check are on the host, in the one
+device sync an adapting step has (a coefficient-only step syncs once for the check). A non-finite
+gradient raises ``FloatingPointError`` naming the layer, with parameters, moments and step counts
+unchanged, so a training loop can skip the batch.
 
 Adam moments of S follow the basis: the first moment is rotated into the new basis (so ``U m V^T`` is
 kept wherever the new basis can hold it), the second moment is carried by the squared rotations (a
@@ -29,7 +35,7 @@ from typing import Callable, NamedTuple
 import torch
 from torch import nn
 
-from .layer import GeoLoRALinear, GradientSlot
+from .layer import GeoLoRALinear
 from .linalg import (Augmented, augment_bases, augmented_coefficients, budget_ranks, columns_in_use,
                      matched_identity, transport_first_moment, transport_second_moment, truncation_ranks)
 from .model import adapters, config_of
@@ -43,48 +49,40 @@ class _Plan(NamedTuple):
     fixed while the set of stepped layers is, so it is worked out once rather than every step."""
 
     layers: list[GeoLoRALinear]
+    names: list[str]
     coefficients: list[nn.Parameter]  # each layer's S
     groups: list[list[nn.Parameter]]  # the layers' U and V factors grouped by shape
-    slots: list[list[GradientSlot]]  # where the backward writes their gradients, grouped alike
-    order: list[int]  # item i of the augmentation is factor order[i] of [U_1..U_B, V_1..V_B]
-    order_tensor: torch.Tensor
+    order: torch.Tensor  # item i of the augmentation is factor order[i] of [U_1..U_B, V_1..V_B]
 
 
 class _Batch(NamedTuple):
-    """One plan's layers in one step."""
+    """One plan's layers in one step, before anything is written."""
 
     plan: _Plan
     ranks: list[int]  # before this step
-    s: torch.Tensor  # B x R x R, after the base step
+    s: torch.Tensor  # B x R x R, the layers' S (stacked, their parameters are views)
+    s_new: torch.Tensor  # after the base step
     grad_s: torch.Tensor  # B x R x R: U^T G_K, and transposed V^T G_L
     moments: dict[str, torch.Tensor]  # the base optimizer's S moments, stacked (the states hold views)
-    steps: int | torch.Tensor  # the base step count, per layer (B x 1 x 1) where they differ
-
-
-class _Bases(NamedTuple):
-    """A batch's U and V factors, stacked per shape (the plan's groups), all augmented in one call."""
-
-    stacked: list[torch.Tensor]  # each group stacked: the factors are views of these
-    order: torch.Tensor  # item i of the augmentation is factor order[i] of [U_1..U_B, V_1..V_B]
-    augmented: Augmented
-
-    def in_batch_order(self, field: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """A small per-item field of the augmentation, for the batch's U and for its V factors."""
-        values = getattr(self.augmented, field)
-        return torch.empty_like(values).index_copy_(0, self.order, values).chunk(2)
+    moments_new: dict[str, torch.Tensor]  # after the base step
+    steps: int | torch.Tensor  # the base step count after this step, per layer (B x 1 x 1) where they differ
 
 
 class _Decomposed(NamedTuple):
     """One batch after the augmented SVD, before truncation."""
 
     batch: _Batch
-    bases: _Bases
+    stacked: list[torch.Tensor]  # the U/V factor groups stacked: the factors are views of these
+    augmented: Augmented
     u_factor: torch.Tensor  # old basis = augmented[:, :r] @ factor, B x R x R
     v_factor: torch.Tensor
     left: torch.Tensor  # singular vectors of the augmented coefficients, B x R x R
     sigma: torch.Tensor  # B x R, zero beyond what the augmented bases can hold
     right: torch.Tensor
     capacity: torch.Tensor  # B: the most columns both augmented bases can give
+    block_sq: tuple[torch.Tensor, torch.Tensor] | None  # (AdamW) the stacked running mean squares of the
+    # K and L blocks (B x 2, the states hold views) and their new values
+    finite: torch.Tensor  # B bool
 
 
 def _buffer_key(role: str, item_shape: tuple, like: torch.Tensor) -> tuple:
@@ -100,6 +98,11 @@ def _are_views(tensors: list[torch.Tensor], stacked: torch.Tensor) -> bool:
                                                     for i, t in enumerate(tensors))
 
 
+def _in_batch_order(values: torch.Tensor, order: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A per-item field of the augmentation (items in ``order``), for the batch's U and for its V factors."""
+    return torch.empty_like(values).index_copy_(0, order, values).chunk(2)
+
+
 class GeoLoRAOptimizer(torch.optim.Optimizer):
     """A ``torch.optim.Optimizer`` over the adapters and every other trainable parameter of ``model``.
 
@@ -111,16 +114,13 @@ class GeoLoRAOptimizer(torch.optim.Optimizer):
     linear algebra), so the cost per step hardly grows with the number of layers. From the first step
     on, the factors of each shape are views of one stacked tensor (as are the S moments in the state),
     so batched results land in the parameters without copies; moving or casting the model breaks the
-    views and the next step restacks. The backward writes ``U.grad`` and ``V.grad`` into stacked
-    buffers this optimizer lends the layers (``GradientSlot``), so the step reads them without a copy;
-    the projected gradients and new columns live in two more buffers kept between steps (``_scratch``):
-    about twice the adapters' size in extra memory. ``step()`` never changes the gradients.
+    views and the next step restacks (and casts the state to match). The gradients are read, never
+    changed; their stacked copies, projections and new columns live in buffers kept between steps.
     """
 
     def __init__(self, model: nn.Module, lr: float = 1e-3, weight_decay: float = 0.0,
                  base_optimizer: str = "adamw", betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
-                 momentum: float = 0.0, moment_transport: str = "rotate",
-                 precondition_augmentation: bool = True) -> None:
+                 momentum: float = 0.0, moment_transport: str = "rotate") -> None:
         if base_optimizer not in BASE_OPTIMIZERS:
             raise ValueError(f"base_optimizer must be one of {BASE_OPTIMIZERS}, got {base_optimizer!r}")
         if moment_transport not in MOMENT_TRANSPORTS:
@@ -128,22 +128,24 @@ class GeoLoRAOptimizer(torch.optim.Optimizer):
         if lr < 0:
             raise ValueError(f"lr must be >= 0, got {lr}")
         config = config_of(model)
-        self.layers: list[GeoLoRALinear] = [layer for _, layer in adapters(model)]
+        named = list(adapters(model))
+        self.layers: list[GeoLoRALinear] = [layer for _, layer in named]
+        self.layer_names = [name for name, _ in named]
         factors = [p for layer in self.layers for p in (layer.U, layer.S, layer.V)]
         factor_ids = {id(p) for p in factors}
-        others = [p for p in model.parameters() if p.requires_grad and id(p) not in factor_ids]
+        others = [(name, p) for name, p in model.named_parameters() if p.requires_grad and id(p) not in factor_ids]
+        self.other_names = [name for name, _ in others]
         groups = [{"params": factors, "role": "adapters", "step": 0}]
         if others:
-            groups.append({"params": others, "role": "others"})
+            groups.append({"params": [p for _, p in others], "role": "others"})
         defaults = dict(lr=lr, weight_decay=weight_decay, betas=tuple(betas), eps=eps, momentum=momentum)
         super().__init__(groups, defaults)
         self.base_optimizer = base_optimizer
         self.moment_transport = moment_transport
-        self.precondition_augmentation = precondition_augmentation
         self.coefficient_steps = config.coefficient_steps
         self.rank_budget = config.rank_budget
         self._buffers: dict[tuple, torch.Tensor] = {}
-        self._plans: tuple[tuple[int, ...], list[_Plan]] = ((), [])  # for the last set of stepped layers
+        self._plans: tuple[tuple, list[_Plan]] = ((), [])  # for the last set of stepped layers
 
     @torch.no_grad()
     def step(self, closure: Callable[[], torch.Tensor] | None = None) -> torch.Tensor | None:
@@ -151,39 +153,94 @@ class GeoLoRAOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        for group in self.param_groups:
-            if group["role"] == "adapters":
-                self._adapter_step(group)
-            else:
-                for param in group["params"]:
-                    if param.grad is not None:
-                        state = self.state[param]
-                        moments = self._moments(state, param)
-                        state["step"] += 1
-                        self._base_step(param, param.grad, moments, state["step"], group)
+        group = self.param_groups[0]
+        others = [(name, p) for g in self.param_groups[1:] for name, p in zip(self.other_names, g["params"])
+                  if p.grad is not None]
+        # A sum is non-finite when any entry is (or the gradient overflows): one reduction per tensor.
+        others_finite = torch.isfinite(torch.stack([p.grad.sum() for _, p in others])) if others else None
+        adapt = group["step"] % (self.coefficient_steps + 1) == 0
+        batches = [self._coefficient_step(plan, group) for plan in self._plans_for(group)]
+        decomposed = [self._augmented_svd(batch, group) for batch in batches] if adapt else []
+        new_ranks = self._decide(batches, decomposed, others, others_finite)  # raises before anything is written
+        group["step"] += 1
+        if adapt:
+            self._commit_adapting(decomposed, new_ranks)
+        else:
+            for batch in batches:
+                self._commit_coefficients(batch, batch.s_new, batch.moments_new)
+        for g in self.param_groups[1:]:
+            for param in g["params"]:
+                if param.grad is not None:
+                    state = self.state[param]
+                    moments = self._moments(state, param)
+                    state["step"] += 1
+                    self._base_step(param, param.grad, moments, state["step"], g)
         return loss
 
     def _moments(self, state: dict, like: torch.Tensor) -> dict[str, torch.Tensor]:
-        """The base optimizer's moment tensors in ``state``, created (zero) on first use."""
+        """The base optimizer's moment tensors in ``state``, created (zero) on first use and cast to
+        ``like``'s dtype and device when the model was moved or cast since."""
         keys = ("exp_avg", "exp_avg_sq") if self.base_optimizer == "adamw" else ("exp_avg",)
         if not state:
             state["step"] = 0
-            for key in keys:
+        for key in keys:
+            if key not in state:
                 state[key] = torch.zeros_like(like)
+            elif state[key].dtype != like.dtype or state[key].device != like.device:
+                state[key] = state[key].to(like)
         return {key: state[key] for key in keys}
 
-    def _stacked_moments(self, coefficients: list[nn.Parameter], like: torch.Tensor) -> tuple[dict, list[int]]:
-        """The moments of a batch's S factors as B x R x R tensors their states are views of (updating
-        them costs one op per batch, not one per layer); and each layer's step."""
-        states = [self.state[p] for p in coefficients]
-        template = like[0]
-        moments = [self._moments(state, template) for state in states]
+    def _plans_for(self, group: dict) -> list[_Plan]:
+        """The stacking plans of this step's layers, rebuilt when the set of stepped layers, or their
+        dtype or device, changes (then buffers of dtypes or devices no longer used are dropped)."""
+        coefficients = group["params"][1::3]
+        stepped = tuple((i, s.dtype, s.device) for i, (layer, s) in enumerate(zip(self.layers, coefficients))
+                        if s.grad is not None and not layer.merged)
+        if self._plans[0] != stepped:
+            kinds = {(dtype, device) for _, dtype, device in stepped}
+            self._buffers = {key: value for key, value in self._buffers.items() if key[2:] in kinds}
+            indices = [i for i, _, _ in stepped]
+            self._plans = (stepped, self._make_plans([self.layers[i] for i in indices],
+                                                     [self.layer_names[i] for i in indices],
+                                                     [group["params"][3 * i:3 * i + 3] for i in indices]))
+        return self._plans[1]
+
+    @staticmethod
+    def _make_plans(layers: list[GeoLoRALinear], names: list[str], factors: list[list[nn.Parameter]]
+                    ) -> list[_Plan]:
+        """Layers of one maximum rank are stepped together whatever their shapes and ranks, in the
+        fixed-size (padded) layout: one batched base step and one batched SVD; their U and V factors
+        are stacked per shape and augmented in one call. ``factors`` holds each layer's (U, S, V)."""
+        by_rank: dict[tuple, list[int]] = {}
+        for i, (layer, (_, s, _)) in enumerate(zip(layers, factors)):
+            by_rank.setdefault((layer.max_rank, s.dtype, s.device), []).append(i)
+        plans = []
+        for members in by_rank.values():
+            bases = [factors[i][0] for i in members] + [factors[i][2] for i in members]
+            by_shape: dict[torch.Size, list[int]] = {}
+            for position, basis in enumerate(bases):
+                by_shape.setdefault(basis.shape, []).append(position)
+            order = [p for positions in by_shape.values() for p in positions]
+            plans.append(_Plan([layers[i] for i in members], [names[i] for i in members],
+                               [factors[i][1] for i in members],
+                               [[bases[p] for p in positions] for positions in by_shape.values()],
+                               torch.tensor(order, device=bases[0].device)))
+        return plans
+
+    def _coefficient_step(self, plan: _Plan, group: dict) -> _Batch:
+        """The base step on a plan's stacked S, into new tensors (nothing is written yet)."""
+        s = self._stacked_factors("coefficients", plan.coefficients)
+        states = [self.state[p] for p in plan.coefficients]
+        moments = [self._moments(state, s[0]) for state in states]
         stacked = {key: self._stacked(key, [m[key] for m in moments],
                                       lambda i, view, key=key: states[i].__setitem__(key, view))
                    for key in moments[0]}
-        for state in states:
-            state["step"] += 1
-        return stacked, [state["step"] for state in states]
+        steps = [state["step"] + 1 for state in states]
+        steps = steps[0] if len(set(steps)) == 1 else torch.tensor(steps, dtype=s.dtype, device=s.device).view(-1, 1, 1)
+        grad_s = torch.stack([p.grad for p in plan.coefficients])
+        s_new, moments_new = s.clone(), {key: value.clone() for key, value in stacked.items()}
+        self._base_step(s_new, grad_s, moments_new, steps, group)
+        return _Batch(plan, [layer.rank for layer in plan.layers], s, s_new, grad_s, stacked, moments_new, steps)
 
     def _base_step(self, param: torch.Tensor, grad: torch.Tensor, moments: dict[str, torch.Tensor],
                    steps: int | torch.Tensor, group: dict) -> None:
@@ -192,12 +249,7 @@ class GeoLoRAOptimizer(torch.optim.Optimizer):
         the rank x rank block their gradient, moments and values are zero, so the step leaves them zero."""
         lr, wd = group["lr"], group["weight_decay"]
         exp_avg = moments["exp_avg"]
-        if self.base_optimizer == "adamw" and isinstance(steps, int):  # one fused pass over the data
-            beta1, beta2 = group["betas"]
-            step = torch.tensor(float(steps), device=param.device)
-            torch._fused_adamw_([param], [grad], [exp_avg], [moments["exp_avg_sq"]], [], [step], lr=lr, beta1=beta1,
-                                beta2=beta2, weight_decay=wd, eps=group["eps"], amsgrad=False, maximize=False)
-        elif self.base_optimizer == "adamw":
+        if self.base_optimizer == "adamw":
             beta1, beta2 = group["betas"]
             exp_avg_sq = moments["exp_avg_sq"]
             if wd:
@@ -212,62 +264,6 @@ class GeoLoRAOptimizer(torch.optim.Optimizer):
             if group["momentum"]:
                 grad = exp_avg.mul_(group["momentum"]).add_(grad)
             param.add_(grad, alpha=-lr)
-
-    def _adapter_step(self, group: dict) -> None:
-        adapt = group["step"] % (self.coefficient_steps + 1) == 0
-        group["step"] += 1
-        coefficients = group["params"][1::3]
-        stepped = tuple(i for i, (layer, s) in enumerate(zip(self.layers, coefficients))
-                        if s.grad is not None and not layer.merged)
-        if self._plans[0] != stepped:
-            self._plans = (stepped, self._make_plans([self.layers[i] for i in stepped],
-                                                     [group["params"][3 * i:3 * i + 3] for i in stepped]))
-        batches = []
-        for plan in self._plans[1]:
-            s = self._stacked_factors("coefficients", plan.coefficients)
-            moments, steps = self._stacked_moments(plan.coefficients, s)
-            steps = steps[0] if len(set(steps)) == 1 else torch.tensor(steps, dtype=s.dtype, device=s.device).view(-1, 1, 1)
-            grad_s = torch.stack([p.grad for p in plan.coefficients])
-            self._base_step(s, grad_s, moments, steps, group)
-            if adapt:
-                batches.append(_Batch(plan, [l.rank for l in plan.layers], s, grad_s, moments, steps))
-        if batches:
-            self._truncate([self._augmented_svd(batch, group) for batch in batches])
-        for layer in self.layers:  # their gradients are consumed: the next backward may write the slots
-            for slot in layer.gradient_slots:
-                slot.task = None
-
-    @staticmethod
-    def _make_plans(layers: list[GeoLoRALinear], factors: list[list[nn.Parameter]]) -> list[_Plan]:
-        """Layers of one maximum rank are stepped together whatever their shapes and ranks, in the
-        fixed-size (padded) layout: one batched base step and one batched SVD; their U and V factors
-        are stacked per shape and augmented in one call. ``factors`` holds each layer's (U, S, V)."""
-        by_rank: dict[tuple, list[int]] = {}
-        for i, (layer, (_, s, _)) in enumerate(zip(layers, factors)):
-            by_rank.setdefault((layer.max_rank, s.dtype, s.device), []).append(i)
-        plans = []
-        for members in by_rank.values():
-            bases = [factors[i][0] for i in members] + [factors[i][2] for i in members]
-            slots = [layers[i].gradient_slots[side] for side in (0, 1) for i in members]
-            by_shape: dict[torch.Size, list[int]] = {}
-            for position, basis in enumerate(bases):
-                by_shape.setdefault(basis.shape, []).append(position)
-            order = [p for positions in by_shape.values() for p in positions]
-            plans.append(_Plan([layers[i] for i in members], [factors[i][1] for i in members],
-                               [[bases[p] for p in positions] for positions in by_shape.values()],
-                               [[slots[p] for p in positions] for positions in by_shape.values()], order,
-                               torch.tensor(order, device=bases[0].device)))
-        return plans
-
-    def _augmentation_gains(self, batch: _Batch, ranks: torch.Tensor, group: dict) -> torch.Tensor | float:
-        """Scale of the new directions relative to ``lr``: 1 for SGD; for AdamW, Adam's normalisation
-        ``1 / (sqrt(mean v_hat) + eps)`` of each layer's S-gradients (mean over the rank x rank block),
-        so augmented directions enter on the same scale as the Adam step on S (a per-layer scalar:
-        basis-independent)."""
-        if self.base_optimizer != "adamw" or not self.precondition_augmentation:
-            return 1.0
-        second = batch.moments["exp_avg_sq"].sum(dim=(-2, -1)).view(-1, 1, 1) / ranks.view(-1, 1, 1) ** 2
-        return 1.0 / ((second / (1 - group["betas"][1] ** batch.steps)).sqrt() + group["eps"])
 
     def _scratch(self, role: str, shape: tuple, like: torch.Tensor) -> torch.Tensor:
         """A buffer kept across steps: on CPU a fresh allocation of the stacked n-sized factors each
@@ -294,80 +290,130 @@ class GeoLoRAOptimizer(torch.optim.Optimizer):
         """Factors as views of one stacked tensor: batched results land in the parameters."""
         return self._stacked(role, factors, lambda i, view: setattr(factors[i], "data", view))
 
-    def _directions(self, factors: list[nn.Parameter], slots: list[GradientSlot], shape: tuple
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The stacked gradients of same-shaped factors, and where to write their projection. Read in
-        place where the backward wrote them into the slots this optimizer lends (the projection then
-        goes to a buffer of its own: ``.grad`` stays untouched); otherwise copied into that buffer,
-        which the projection overwrites, and the slots are lent for the next backward."""
-        grads = [f.grad for f in factors]
-        own = self._scratch("projections", shape, factors[0])
-        lent = self._scratch("gradients", shape, factors[0])
-        if _are_views(grads, lent):
-            return lent, own
-        if not _are_views([slot.tensor for slot in slots], lent):
-            for slot, view in zip(slots, lent.unbind()):
-                slot.tensor = view
-        return torch.stack(grads, out=own), own
-
-    def _augment(self, plan: _Plan, ranks: list[int], widths: list[int], overlaps: torch.Tensor) -> _Bases:
+    def _augment(self, batch: _Batch, widths: list[int]) -> tuple[list[torch.Tensor], Augmented]:
         """Augment a batch's bases (U and V factors alike) by their gradients (the K- and L-gradients),
-        stacked per factor shape, in one call. ``ranks``, ``widths`` and ``overlaps`` (each factor's
-        ``basis^T gradient``) run over the factors [U_1..U_B, V_1..V_B]."""
-        order, device = plan.order, plan.order_tensor.device
-        shapes = [(len(g), *g[0].shape) for g in plan.groups]
+        stacked per factor shape, in one call. The S-gradient is ``U^T G_K`` (transposed ``V^T G_L``):
+        the augmentation's first product."""
+        plan, device = batch.plan, batch.plan.order.device
+        ranks = torch.tensor(batch.ranks * 2, device=device)[plan.order]
+        widths = torch.tensor(widths * 2, device=device)[plan.order]
+        overlaps = torch.cat([batch.grad_s, batch.grad_s.mT])[plan.order]
         stacked = [self._stacked_factors("bases", g) for g in plan.groups]
-        directions, projections = zip(*[self._directions(g, slots, shape) for g, slots, shape
-                                        in zip(plan.groups, plan.slots, shapes)])
-        narrow = [i for i, p in enumerate(order) if widths[p] < ranks[p]]
-        augmented = augment_bases(stacked, directions, torch.tensor([ranks[p] for p in order], device=device),
-                                  torch.tensor([widths[p] for p in order], device=device),
-                                  torch.tensor(narrow, dtype=torch.long, device=device),
-                                  out=[self._scratch("columns", shape, g[0]) for g, shape in zip(plan.groups, shapes)],
-                                  projections_out=projections, overlap=overlaps[plan.order_tensor])
-        return _Bases(stacked, plan.order_tensor, augmented)
+        directions = [torch.stack([f.grad for f in g], out=self._scratch("directions", (len(g), *g[0].shape), g[0]))
+                      for g in plan.groups]  # the projection is written over them
+        augmented = augment_bases(stacked, directions, ranks, widths,
+                                  out=[self._scratch("columns", d.shape, d) for d in directions],
+                                  projections_out=directions, overlap=overlaps)
+        return stacked, augmented
+
+    def _block_steps(self, batch: _Batch, projections: tuple[torch.Tensor, torch.Tensor],
+                     valid: tuple[torch.Tensor, torch.Tensor], ranks: torch.Tensor, group: dict
+                     ) -> tuple[torch.Tensor | float, torch.Tensor | float, tuple | None]:
+        """Step sizes of the new K and L blocks (B x 1 x 1 each) and (stacked, new) running mean squares."""
+        if self.base_optimizer != "adamw":
+            return group["lr"], group["lr"], None
+        old = columns_in_use(ranks, batch.s.shape[-1])
+        squares, counts = [], []
+        for side, (projection, columns) in enumerate(zip(projections, valid)):
+            new = (columns & ~old).to(projection.dtype)
+            block = projection * new.unsqueeze(-1) * old.unsqueeze(-2).to(projection.dtype)
+            squares.append(block.pow(2).sum((-2, -1)))
+            counts.append(new.sum(-1) * ranks)
+        mean_square = torch.stack(squares, -1) / torch.stack(counts, -1).clamp_min(1)
+        previous = self._stacked("augmentation_sq", [self._block_state(p, batch.s) for p in batch.plan.coefficients],
+                                 lambda i, view: self.state[batch.plan.coefficients[i]].__setitem__("augmentation_sq",
+                                                                                                   view))
+        beta2 = group["betas"][1]
+        updated = torch.where(previous > 0, beta2 * previous + (1 - beta2) * mean_square, mean_square)
+        block_sq = torch.where(torch.stack(counts, -1) > 0, updated, previous)
+        step_k, step_l = (group["lr"] / (block_sq.sqrt() + group["eps"])).unbind(-1)
+        return step_k.view(-1, 1, 1), step_l.view(-1, 1, 1), (previous, block_sq)
+
+    def _block_state(self, coefficients: nn.Parameter, like: torch.Tensor) -> torch.Tensor:
+        """A layer's running mean squares of its new K and L blocks (zero before the first)."""
+        state = self.state[coefficients]
+        value = state.get("augmentation_sq")
+        if value is None or value.dtype != like.dtype or value.device != like.device:
+            value = torch.zeros(2, dtype=like.dtype, device=like.device) if value is None else value.to(like)
+            state["augmentation_sq"] = value
+        return value
 
     def _augmented_svd(self, batch: _Batch, group: dict) -> _Decomposed:
         """For a batch of layers: augmented bases and the SVD (P, sigma, Q) of the augmented
         coefficient matrices, all at the fixed size R (the layers' maximum rank)."""
         device, max_rank = batch.s.device, batch.plan.layers[0].max_rank
         host_widths = [min(r, max_rank - r) for r in batch.ranks]
-        # The layers' S-gradient is U^T G_K (and transposed V^T G_L): the augmentation's first product.
-        bases = self._augment(batch.plan, batch.ranks * 2, host_widths * 2, torch.cat([batch.grad_s, batch.grad_s.mT]))
+        stacked, augmented = self._augment(batch, host_widths)
+        order = batch.plan.order
         ranks, widths = torch.tensor(batch.ranks, device=device), torch.tensor(host_widths, device=device)
-        u_factor, v_factor = bases.in_batch_order("r_factor")
-        s = u_factor @ batch.s @ v_factor.mT  # S in the augmented bases
-        step = group["lr"] * self._augmentation_gains(batch, ranks.to(s.dtype), group)
-        u_projections, v_projections = bases.in_batch_order("projections")
-        s = augmented_coefficients(s, u_projections, v_projections.mT, ranks, widths, step)
+        u_factor, v_factor = _in_batch_order(augmented.r_factor, order)
+        u_valid, v_valid = _in_batch_order(augmented.valid, order)
+        u_projections, v_projections = _in_batch_order(augmented.projections, order)
+        finite = torch.isfinite(batch.s_new).all((-2, -1)) & _in_batch_order(augmented.finite, order)[0] \
+            & _in_batch_order(augmented.finite, order)[1]
+        step_k, step_l, block_sq = self._block_steps(batch, (u_projections, v_projections), (u_valid, v_valid),
+                                                     ranks, group)
+        s = u_factor @ batch.s_new @ v_factor.mT  # S in the augmented bases
+        s = augmented_coefficients(s, u_projections, v_projections.mT, ranks, widths, step_k, step_l)
+        s = torch.where(finite.view(-1, 1, 1), s, 0.0)  # a non-finite layer is refused after the sync
         # Columns an augmented basis leaves out are zero. A partial identity between the columns in use,
         # at rounding size, makes the SVD put the singular vectors of zero singular values there (they
         # are kept when min_rank asks for more than the nonzero ones), never on a zero column.
-        u_valid, v_valid = bases.in_batch_order("valid")
         nudge = 10 * torch.finfo(s.dtype).eps * (torch.linalg.matrix_norm(s) + 1e-20).view(-1, 1, 1)
         left, sigma, right_t = torch.linalg.svd(s + nudge * matched_identity(u_valid, v_valid).to(s.dtype))
         sigma = torch.where(sigma > 2 * nudge.view(-1, 1), sigma, 0.0)
         capacity = torch.minimum(u_valid.sum(-1), v_valid.sum(-1))
-        return _Decomposed(batch, bases, u_factor, v_factor, left, sigma, right_t.mT, capacity)
+        return _Decomposed(batch, stacked, augmented, u_factor, v_factor, left, sigma, right_t.mT, capacity,
+                           block_sq, finite)
 
-    def _truncate(self, decomposed: list[_Decomposed]) -> None:
-        """New ranks for every layer (one host sync), then rotate and cut the factors and moments."""
-        if self.rank_budget is not None:
+    def _decide(self, batches: list[_Batch], decomposed: list[_Decomposed], others: list[tuple[str, torch.Tensor]],
+                others_finite: torch.Tensor | None) -> list[int]:
+        """New ranks for every layer of an adapting step (none otherwise) and the finiteness of every
+        gradient, in one transfer to the host; raises ``FloatingPointError`` for a non-finite one."""
+        if decomposed:
+            finite = [d.finite for d in decomposed]
+        else:
+            finite = [torch.isfinite(b.s_new).all((-2, -1)) & torch.isfinite(b.grad_s).all((-2, -1)) for b in batches]
+        names = [name for b in batches for name in b.plan.names] + [name for name, _ in others]
+        flags = torch.cat(finite + ([others_finite] if others_finite is not None else []))
+        new_ranks: list[int] = []
+        if self.rank_budget is not None and decomposed:
             layers = [layer for d in decomposed for layer in d.batch.plan.layers]
             # Per layer: its singular values, then its capacity; batches may differ in R.
             rows = [torch.cat([d.sigma, d.capacity.unsqueeze(-1).to(d.sigma.dtype)], -1) for d in decomposed]
-            flat = torch.cat([row.flatten() for row in rows]).double().cpu()  # the one host sync
-            rows = [row for chunk, d in zip(flat.split([row.numel() for row in rows]), decomposed)
-                    for row in chunk.view(len(d.batch.plan.layers), -1)]
-            ranks = [r for d in decomposed for r in d.batch.ranks]
-            lengths = [min(2 * r, layer.max_rank, int(row[-1])) for r, layer, row in zip(ranks, layers, rows)]
-            new_ranks = budget_ranks([row[:n] for row, n in zip(rows, lengths)], self.rank_budget,
-                                     [l.min_rank for l in layers], [l.max_rank for l in layers])
+            flat = torch.cat([row.flatten() for row in rows] + [flags]).double().cpu()  # the one host sync
+            *chunks, host_flags = flat.split([row.numel() for row in rows] + [flags.numel()])
+            host_flags = host_flags.bool().tolist()
+            rows = [row for chunk, d in zip(chunks, decomposed) for row in chunk.view(len(d.batch.plan.layers), -1)]
+            if all(host_flags):
+                ranks = [r for d in decomposed for r in d.batch.ranks]
+                lengths = [min(2 * r, layer.max_rank, int(row[-1])) for r, layer, row in zip(ranks, layers, rows)]
+                new_ranks = budget_ranks([row[:n] for row, n in zip(rows, lengths)], self.rank_budget,
+                                         [l.min_rank for l in layers], [l.max_rank for l in layers])
         else:  # one config per model: tau and the rank limits are those of the batch's first layer
-            new_ranks = torch.cat([torch.minimum(truncation_ranks(d.sigma, d.batch.plan.layers[0].tau,
-                                                                  d.batch.plan.layers[0].min_rank,
-                                                                  d.batch.plan.layers[0].max_rank), d.capacity)
-                                   for d in decomposed]).tolist()  # the sync
+            ranks = [torch.minimum(truncation_ranks(d.sigma, d.batch.plan.layers[0].tau,
+                                                    d.batch.plan.layers[0].min_rank,
+                                                    d.batch.plan.layers[0].max_rank), d.capacity)
+                     for d in decomposed]
+            values = torch.cat(ranks + [flags.long()]).tolist()  # the sync
+            new_ranks, host_flags = values[:len(values) - flags.numel()], values[len(values) - flags.numel():]
+        bad = [name for name, ok in zip(names, host_flags) if not ok]
+        if bad:
+            raise FloatingPointError(f"non-finite gradient in {', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''}: "
+                                     "the step was not applied (parameters, moments and step counts unchanged); "
+                                     "lower the learning rate, clip the gradients or train with a GradScaler")
+        return new_ranks
+
+    def _commit_coefficients(self, batch: _Batch, s: torch.Tensor, moments: dict[str, torch.Tensor]) -> None:
+        """Write a batch's new S and moments and count the step."""
+        batch.s.copy_(s)
+        for key, value in moments.items():
+            batch.moments[key].copy_(value)
+        for p in batch.plan.coefficients:
+            self.state[p]["step"] += 1
+
+    def _commit_adapting(self, decomposed: list[_Decomposed], new_ranks: list[int]) -> None:
+        """Rotate and cut the factors and moments of every batch to the new ranks."""
         start = 0
         for d in decomposed:
             members, sigma = d.batch.plan.layers, d.sigma
@@ -375,25 +421,28 @@ class GeoLoRAOptimizer(torch.optim.Optimizer):
             start += len(members)
             keep = columns_in_use(torch.tensor(host_ranks, device=sigma.device), sigma.shape[-1]).to(sigma.dtype)
             # Rotations zero beyond the new rank (as the layers keep them).
-            rotations = (torch.cat([d.left, d.right]) * keep.repeat(2, 1).unsqueeze(-2))[d.bases.order]
-            d.bases.augmented.product(rotations, out=d.bases.stacked)  # into the layers' U and V
-            d.batch.s.copy_(torch.diag_embed(sigma * keep))
-            self._transport_moments(d, keep.unsqueeze(-1) * keep.unsqueeze(-2))
+            rotations = (torch.cat([d.left, d.right]) * keep.repeat(2, 1).unsqueeze(-2))[d.batch.plan.order]
+            d.augmented.product(rotations, out=d.stacked)  # into the layers' U and V
+            self._commit_coefficients(d.batch, torch.diag_embed(sigma * keep),
+                                      self._transported_moments(d, keep.unsqueeze(-1) * keep.unsqueeze(-2)))
+            if d.block_sq is not None:
+                stacked_sq, value = d.block_sq
+                stacked_sq.copy_(value)
+            if self.moment_transport == "reset":
+                for coefficients in d.batch.plan.coefficients:
+                    self.state[coefficients].clear()
             for layer, rank in zip(members, host_ranks):
                 if layer.rank != rank:  # nn.Module's __setattr__ is slow enough to show here
                     layer.rank = rank
 
-    def _transport_moments(self, d: _Decomposed, block: torch.Tensor) -> None:
+    def _transported_moments(self, d: _Decomposed, block: torch.Tensor) -> dict[str, torch.Tensor]:
         """Adam moments of S carried into the new bases and cut to the new ranks (``block``): first into
         the augmented bases as S is (through the r_factors), then along the kept singular vectors."""
-        if self.moment_transport == "reset":
-            for coefficients in d.batch.plan.coefficients:
-                self.state[coefficients].clear()
-            return
-        moments = d.batch.moments
+        moments = dict(d.batch.moments_new)
         if "exp_avg" in moments:
             first = d.u_factor @ moments["exp_avg"] @ d.v_factor.mT
-            moments["exp_avg"].copy_(transport_first_moment(first, d.left, d.right) * block)
+            moments["exp_avg"] = transport_first_moment(first, d.left, d.right) * block
         if "exp_avg_sq" in moments:
             second = d.u_factor ** 2 @ moments["exp_avg_sq"] @ (d.v_factor ** 2).mT
-            moments["exp_avg_sq"].copy_(transport_second_moment(second, d.left, d.right) * block)
+            moments["exp_avg_sq"] = transport_second_moment(second, d.left, d.right) * block
+        return moments

@@ -1,0 +1,108 @@
+"""The GeoLoRA step as the paper writes it, one layer at a time: the specification that
+``GeoLoRAOptimizer`` (its batched form) is tested against. Plain QR and SVD, no padding, no batching.
+
+Per adapter ``W = alpha U S V^T`` of rank r (maximum R), from ``G_S = U.grad``-style gradients
+(``S.grad``, ``G_K = U.grad``, ``G_L = V.grad``, see ``layer.py``):
+1. ``S' =`` AdamW or SGD step on S (U, V are never decayed);
+2. every ``c + 1`` steps: new directions ``Ubar``, the strongest ``a = min(r, R - r)`` of
+   ``(I - UU^T) G_K`` (``Vbar`` likewise from G_L); directions below ``noise_floor`` of the gradient are
+   rounding, not directions;
+3. SVD of ``[[S', -h_L G_L^T Vbar], [-h_K Ubar^T G_K, 0]]``, with ``h = lr`` for SGD and, for AdamW,
+   ``lr / (sqrt(v) + eps)``, v a running mean square of the entries of that block (first value as is,
+   then ``beta2``-averaged): new directions enter at Adam's scale;
+4. keep the smallest rank with ``||sigma_tail|| <= tau ||sigma||`` in [min_rank, max_rank] (or the largest
+   ``rank_budget`` singular values over all layers); rotate U, V, S and the S moments into the new bases.
+"""
+from __future__ import annotations
+
+import torch
+
+from .linalg import noise_floor
+from .model import adapters, config_of
+
+
+def _new_directions(basis, grad, width):
+    """Orthonormal ``Ubar`` (columns orthogonal to ``basis``) spanning the strongest ``width`` directions of
+    ``(I - basis basis^T) grad``, and ``Ubar^T grad``."""
+    p = grad - basis @ (basis.T @ grad)
+    z, sigma, _ = torch.linalg.svd(p, full_matrices=False)
+    z = z[:, sigma > noise_floor(grad.dtype) * grad.norm()][:, :width]
+    ubar = torch.linalg.qr(torch.cat([basis, z], 1)).Q[:, basis.shape[1]:]
+    return ubar, ubar.T @ grad
+
+
+class ReferenceStep:
+    """``step()`` applies the GeoLoRA step to every adapter of ``model`` with a gradient."""
+
+    def __init__(self, model, lr, weight_decay=0.0, base_optimizer="adamw", betas=(0.9, 0.999), eps=1e-8,
+                 momentum=0.0):
+        self.layers, self.config = [layer for _, layer in adapters(model)], config_of(model)
+        self.lr, self.wd, self.base, self.betas, self.eps, self.momentum = (lr, weight_decay, base_optimizer,
+                                                                          betas, eps, momentum)
+        self.state, self.count = {layer: {} for layer in self.layers}, 0
+
+    def _coefficient_step(self, s, g, st):
+        if self.base == "sgd":
+            g = g + self.wd * s
+            if self.momentum:
+                g = st["exp_avg"] = self.momentum * st.get("exp_avg", torch.zeros_like(s)) + g
+            return s - self.lr * g
+        (b1, b2), t = self.betas, st["step"]
+        st["exp_avg"] = b1 * st.get("exp_avg", torch.zeros_like(s)) + (1 - b1) * g
+        st["exp_avg_sq"] = b2 * st.get("exp_avg_sq", torch.zeros_like(s)) + (1 - b2) * g * g
+        denom = (st["exp_avg_sq"] / (1 - b2 ** t)).sqrt() + self.eps
+        return s * (1 - self.lr * self.wd) - self.lr / (1 - b1 ** t) * st["exp_avg"] / denom
+
+    def _block_step(self, block, st, side):
+        if self.base == "sgd" or block.numel() == 0:
+            return self.lr
+        mean_square, old = block.pow(2).mean(), st.get("augmentation_sq", torch.zeros(2, dtype=block.dtype))
+        st["augmentation_sq"] = old.clone()
+        st["augmentation_sq"][side] = mean_square if old[side] == 0 else self.betas[1] * old[side] + (
+            1 - self.betas[1]) * mean_square
+        return self.lr / (st["augmentation_sq"][side].sqrt() + self.eps)
+
+    def _ranks(self, sigmas, layers):
+        if self.config.rank_budget is None:
+            ranks = []
+            for sigma, layer in zip(sigmas, layers):
+                tail = sigma.flip(0).pow(2).cumsum(0).flip(0).sqrt()  # tail[k] = ||sigma[k:]||
+                r = int((tail > layer.tau * sigma.norm()).sum())
+                ranks.append(min(max(r, layer.min_rank), layer.max_rank, len(sigma)))
+            return ranks
+        floors = [min(layer.min_rank, len(s)) for s, layer in zip(sigmas, layers)]
+        caps = [max(min(layer.max_rank, len(s)), f) for s, layer, f in zip(sigmas, layers, floors)]
+        pool = sorted(((-float(v), i) for i, (s, f, c) in enumerate(zip(sigmas, floors, caps)) for v in s[f:c] if v > 0))
+        for _, i in pool[:max(self.config.rank_budget - sum(floors), 0)]:
+            floors[i] += 1
+        return floors
+
+    @torch.no_grad()
+    def step(self):
+        adapt, self.count = self.count % (self.config.coefficient_steps + 1) == 0, self.count + 1
+        pending = []
+        for layer in (layer for layer in self.layers if layer.S.grad is not None):
+            st, r, big = self.state[layer], layer.rank, layer.max_rank
+            st["step"] = st.get("step", 0) + 1
+            u, v = layer.u.clone(), layer.v.clone()
+            s = self._coefficient_step(layer.s.clone(), layer.S.grad[:r, :r], st)
+            if not adapt:
+                layer.set_factors(u, s, v)
+                continue
+            ubar, k_block = _new_directions(u, layer.U.grad[:, :r], min(r, big - r))
+            vbar, l_block = _new_directions(v, layer.V.grad[:, :r], min(r, big - r))
+            aug = torch.zeros(r + ubar.shape[1], r + vbar.shape[1], dtype=s.dtype, device=s.device)
+            aug[:r, :r] = s
+            aug[r:, :r] = -self._block_step(k_block, st, 0) * k_block
+            aug[:r, r:] = -self._block_step(l_block, st, 1) * l_block.T
+            left, sigma, right_t = torch.linalg.svd(aug)
+            sigma = torch.where(sigma > 20 * torch.finfo(s.dtype).eps * aug.norm(), sigma, 0.0)
+            pending.append((layer, torch.cat([u, ubar], 1), torch.cat([v, vbar], 1), left, sigma, right_t.T))
+        ranks = self._ranks([p[4] for p in pending], [p[0] for p in pending])
+        for (layer, u_aug, v_aug, left, sigma, right), k in zip(pending, ranks):
+            st, r = self.state[layer], layer.rank
+            left, right = left[:, :k], right[:, :k]
+            for key, power in (("exp_avg", 1), ("exp_avg_sq", 2)):  # moments follow the basis
+                if key in st:
+                    st[key] = (left[:r] ** power).T @ st[key] @ right[:r] ** power
+            layer.set_factors(u_aug @ left, torch.diag(sigma[:k]), v_aug @ right)
