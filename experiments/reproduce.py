@@ -77,8 +77,8 @@ def profile(name: str) -> list[Study]:
         ]
     if name == "offline":
         small = ["task.max_train_samples=2000", "trainer.epochs=1", "logger=none"]
-        grid = small + [_axis("trainer.lr", [1e-2, 2e-3, 5e-4]), _axis("method.rank_budget", [72, 144, 288]),
-                        "seed=0"]
+        grid = small + [_axis("trainer.lr", [5e-2, 1e-2, 2e-3, 5e-4]), _axis("method.rank_budget", [72, 144, 288]),
+                        _axis("seed", range(3))]
         return [
             Study("initial_rank", "initial_rank", initial_rank, [small + [
                 "method=geolora", _axis("method.init_rank", [2, 4, 8, 16, 32]), "method.max_rank=32", "seed=0",

@@ -151,13 +151,12 @@ def matched_identity(rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
 
 
 def augmented_coefficients(s_new: torch.Tensor, basis_t_grad_k: torch.Tensor, grad_l_t_basis: torch.Tensor,
-                           ranks: torch.Tensor, widths: torch.Tensor, step_k: float | torch.Tensor,
-                           step_l: float | torch.Tensor) -> torch.Tensor:
+                           ranks: torch.Tensor, widths: torch.Tensor, step: float | torch.Tensor) -> torch.Tensor:
     """The coefficient matrix of the augmented bases ``[U Ubar], [V Vbar]`` (B x R x R, padded).
 
-    Blocks: ``[[S', -h_L G_L^T Vbar], [-h_K Ubar^T G_K, 0]]``: the K- and L-steps of the parallel
+    Blocks: ``[[S', -h G_L^T Vbar], [-h Ubar^T G_K, 0]]``: the K- and L-steps of the parallel
     rank-adaptive integrator written in the augmented bases (``Ubar^T U = 0``, ``Vbar^T V = 0``), with
-    step sizes ``h_K``, ``h_L`` (scalars or one per layer, B x 1 x 1). Inputs are in the padded layout of
+    step size ``h`` (a scalar or one per layer, B x 1 x 1). Inputs are in the padded layout of
     ``augment_bases``: ``s_new`` is zero outside r x r, ``basis_t_grad_k = augmented_U^T G_K`` and
     ``grad_l_t_basis = G_L^T augmented_V``; rows/columns r..r+a hold the new directions and everything
     beyond r + a is masked to zero.
@@ -166,7 +165,7 @@ def augmented_coefficients(s_new: torch.Tensor, basis_t_grad_k: torch.Tensor, gr
     old = columns_in_use(ranks, width)
     new = columns_in_use(ranks + widths, width) & ~old
     lower_left = (new.unsqueeze(-1) & old.unsqueeze(-2)).to(s_new.dtype)
-    return s_new - step_k * basis_t_grad_k * lower_left - step_l * grad_l_t_basis * lower_left.mT
+    return s_new - step * (basis_t_grad_k * lower_left + grad_l_t_basis * lower_left.mT)
 
 
 def truncation_ranks(sigmas: torch.Tensor, tau: float, min_rank: int, max_rank: int) -> torch.Tensor:

@@ -13,9 +13,12 @@ exact K-/L-gradients in ``U.grad`` / ``V.grad`` (see ``layer.py``):
 With ``coefficient_steps = c``, steps 2-4 run every ``c + 1`` steps and only S moves in between.
 
 The step size of the new blocks is ``h = lr`` with SGD (exactly the integrator). With AdamW it is
-``lr / (sqrt(v) + eps)``, v a running mean square of the block's entries per layer and side (its first
-value as is, then averaged with ``beta2``): the new directions enter at Adam's scale, entries of order
-lr whatever the size of G_K against G_S, and the rule is basis-independent (v is a norm of the block).
+``lr / (sqrt(max(v, q)) + eps)``, q the mean square of the layer's tangent gradient in the augmented
+bases (the entries of ``G_S``, ``Ubar^T G_K`` and ``G_L^T Vbar``) and v its running average (first value as
+is, then averaged with ``beta2``): the K- and L-steps keep the integrator's proportions to each other and
+to G_S, at Adam's scale, with an RMS of at most ``sqrt(3) lr`` whatever the size of G_K against G_S (G_S = 0
+included; a gradient surge cannot enlarge the step through a lagging v), and basis-independent (q is a
+norm).
 
 The step is atomic: every gradient is checked (its finiteness comes out of sums the step computes
 anyway) and the result is only written once the ranks and the check are on the host, in the one
@@ -80,8 +83,8 @@ class _Decomposed(NamedTuple):
     sigma: torch.Tensor  # B x R, zero beyond what the augmented bases can hold
     right: torch.Tensor
     capacity: torch.Tensor  # B: the most columns both augmented bases can give
-    block_sq: tuple[torch.Tensor, torch.Tensor] | None  # (AdamW) the stacked running mean squares of the
-    # K and L blocks (B x 2, the states hold views) and their new values
+    tangent_sq: tuple[torch.Tensor, torch.Tensor] | None  # (AdamW) the stacked running mean squares of the
+    # tangent gradients (B, the states hold views) and their new values
     finite: torch.Tensor  # B bool
 
 
@@ -308,34 +311,35 @@ class GeoLoRAOptimizer(torch.optim.Optimizer):
 
     def _block_steps(self, batch: _Batch, projections: tuple[torch.Tensor, torch.Tensor],
                      valid: tuple[torch.Tensor, torch.Tensor], ranks: torch.Tensor, group: dict
-                     ) -> tuple[torch.Tensor | float, torch.Tensor | float, tuple | None]:
-        """Step sizes of the new K and L blocks (B x 1 x 1 each) and (stacked, new) running mean squares."""
+                     ) -> tuple[torch.Tensor | float, tuple | None]:
+        """The step size of the new blocks (B x 1 x 1) and (stacked, new) running mean squares of the
+        layers' tangent gradients ``[G_S, Ubar^T G_K, G_L^T Vbar]``."""
         if self.base_optimizer != "adamw":
-            return group["lr"], group["lr"], None
+            return group["lr"], None
         old = columns_in_use(ranks, batch.s.shape[-1])
-        squares, counts = [], []
-        for side, (projection, columns) in enumerate(zip(projections, valid)):
+        squares, counts = [batch.grad_s.pow(2).sum((-2, -1))], [ranks ** 2]
+        for projection, columns in zip(projections, valid):
             new = (columns & ~old).to(projection.dtype)
             block = projection * new.unsqueeze(-1) * old.unsqueeze(-2).to(projection.dtype)
             squares.append(block.pow(2).sum((-2, -1)))
             counts.append(new.sum(-1) * ranks)
-        mean_square = torch.stack(squares, -1) / torch.stack(counts, -1).clamp_min(1)
-        previous = self._stacked("augmentation_sq", [self._block_state(p, batch.s) for p in batch.plan.coefficients],
-                                 lambda i, view: self.state[batch.plan.coefficients[i]].__setitem__("augmentation_sq",
-                                                                                                   view))
+        mean_square = sum(squares) / sum(counts)
+        coefficients = batch.plan.coefficients
+        previous = self._stacked("tangent_sq", [self._tangent_state(p, batch.s) for p in coefficients],
+                                 lambda i, view: self.state[coefficients[i]].__setitem__("tangent_sq", view))
         beta2 = group["betas"][1]
-        updated = torch.where(previous > 0, beta2 * previous + (1 - beta2) * mean_square, mean_square)
-        block_sq = torch.where(torch.stack(counts, -1) > 0, updated, previous)
-        step_k, step_l = (group["lr"] / (block_sq.sqrt() + group["eps"])).unbind(-1)
-        return step_k.view(-1, 1, 1), step_l.view(-1, 1, 1), (previous, block_sq)
+        running = torch.where(previous > 0, beta2 * previous + (1 - beta2) * mean_square, mean_square)
+        # The larger of the running and the current mean square: a gradient surge cannot enlarge the step.
+        step = group["lr"] / (torch.maximum(running, mean_square).sqrt() + group["eps"])
+        return step.view(-1, 1, 1), (previous, running)
 
-    def _block_state(self, coefficients: nn.Parameter, like: torch.Tensor) -> torch.Tensor:
-        """A layer's running mean squares of its new K and L blocks (zero before the first)."""
+    def _tangent_state(self, coefficients: nn.Parameter, like: torch.Tensor) -> torch.Tensor:
+        """A layer's running mean square of its tangent gradients (zero before the first)."""
         state = self.state[coefficients]
-        value = state.get("augmentation_sq")
+        value = state.get("tangent_sq")
         if value is None or value.dtype != like.dtype or value.device != like.device:
-            value = torch.zeros(2, dtype=like.dtype, device=like.device) if value is None else value.to(like)
-            state["augmentation_sq"] = value
+            value = torch.zeros((), dtype=like.dtype, device=like.device) if value is None else value.to(like)
+            state["tangent_sq"] = value
         return value
 
     def _augmented_svd(self, batch: _Batch, group: dict) -> _Decomposed:
@@ -351,10 +355,9 @@ class GeoLoRAOptimizer(torch.optim.Optimizer):
         u_projections, v_projections = _in_batch_order(augmented.projections, order)
         finite = torch.isfinite(batch.s_new).all((-2, -1)) & _in_batch_order(augmented.finite, order)[0] \
             & _in_batch_order(augmented.finite, order)[1]
-        step_k, step_l, block_sq = self._block_steps(batch, (u_projections, v_projections), (u_valid, v_valid),
-                                                     ranks, group)
+        step, tangent_sq = self._block_steps(batch, (u_projections, v_projections), (u_valid, v_valid), ranks, group)
         s = u_factor @ batch.s_new @ v_factor.mT  # S in the augmented bases
-        s = augmented_coefficients(s, u_projections, v_projections.mT, ranks, widths, step_k, step_l)
+        s = augmented_coefficients(s, u_projections, v_projections.mT, ranks, widths, step)
         s = torch.where(finite.view(-1, 1, 1), s, 0.0)  # a non-finite layer is refused after the sync
         # Columns an augmented basis leaves out are zero. A partial identity between the columns in use,
         # at rounding size, makes the SVD put the singular vectors of zero singular values there (they
@@ -364,7 +367,7 @@ class GeoLoRAOptimizer(torch.optim.Optimizer):
         sigma = torch.where(sigma > 2 * nudge.view(-1, 1), sigma, 0.0)
         capacity = torch.minimum(u_valid.sum(-1), v_valid.sum(-1))
         return _Decomposed(batch, stacked, augmented, u_factor, v_factor, left, sigma, right_t.mT, capacity,
-                           block_sq, finite)
+                           tangent_sq, finite)
 
     def _decide(self, batches: list[_Batch], decomposed: list[_Decomposed], others: list[tuple[str, torch.Tensor]],
                 others_finite: torch.Tensor | None) -> list[int]:
@@ -425,8 +428,8 @@ class GeoLoRAOptimizer(torch.optim.Optimizer):
             d.augmented.product(rotations, out=d.stacked)  # into the layers' U and V
             self._commit_coefficients(d.batch, torch.diag_embed(sigma * keep),
                                       self._transported_moments(d, keep.unsqueeze(-1) * keep.unsqueeze(-2)))
-            if d.block_sq is not None:
-                stacked_sq, value = d.block_sq
+            if d.tangent_sq is not None:
+                stacked_sq, value = d.tangent_sq
                 stacked_sq.copy_(value)
             if self.moment_transport == "reset":
                 for coefficients in d.batch.plan.coefficients:

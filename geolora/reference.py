@@ -7,9 +7,9 @@ Per adapter ``W = alpha U S V^T`` of rank r (maximum R), from ``G_S = U.grad``-s
 2. every ``c + 1`` steps: new directions ``Ubar``, the strongest ``a = min(r, R - r)`` of
    ``(I - UU^T) G_K`` (``Vbar`` likewise from G_L); directions below ``noise_floor`` of the gradient are
    rounding, not directions;
-3. SVD of ``[[S', -h_L G_L^T Vbar], [-h_K Ubar^T G_K, 0]]``, with ``h = lr`` for SGD and, for AdamW,
-   ``lr / (sqrt(v) + eps)``, v a running mean square of the entries of that block (first value as is,
-   then ``beta2``-averaged): new directions enter at Adam's scale;
+3. SVD of ``[[S', -h G_L^T Vbar], [-h Ubar^T G_K, 0]]``, with ``h = lr`` for SGD and, for AdamW,
+   ``lr / (sqrt(max(v, q)) + eps)``, q the mean square of the entries of G_S and of both blocks, v its
+   running average (first value as is, then ``beta2``-averaged): new directions enter at Adam's scale;
 4. keep the smallest rank with ``||sigma_tail|| <= tau ||sigma||`` in [min_rank, max_rank] (or the largest
    ``rank_budget`` singular values over all layers); rotate U, V, S and the S moments into the new bases.
 """
@@ -53,14 +53,13 @@ class ReferenceStep:
         denom = (st["exp_avg_sq"] / (1 - b2 ** t)).sqrt() + self.eps
         return s * (1 - self.lr * self.wd) - self.lr / (1 - b1 ** t) * st["exp_avg"] / denom
 
-    def _block_step(self, block, st, side):
-        if self.base == "sgd" or block.numel() == 0:
+    def _block_step(self, blocks, st):
+        if self.base == "sgd":
             return self.lr
-        mean_square, old = block.pow(2).mean(), st.get("augmentation_sq", torch.zeros(2, dtype=block.dtype))
-        st["augmentation_sq"] = old.clone()
-        st["augmentation_sq"][side] = mean_square if old[side] == 0 else self.betas[1] * old[side] + (
-            1 - self.betas[1]) * mean_square
-        return self.lr / (st["augmentation_sq"][side].sqrt() + self.eps)
+        mean_square = sum(b.pow(2).sum() for b in blocks) / sum(b.numel() for b in blocks)
+        old = st.get("tangent_sq", torch.zeros((), dtype=mean_square.dtype))
+        st["tangent_sq"] = mean_square if old == 0 else self.betas[1] * old + (1 - self.betas[1]) * mean_square
+        return self.lr / (torch.maximum(st["tangent_sq"], mean_square).sqrt() + self.eps)
 
     def _ranks(self, sigmas, layers):
         if self.config.rank_budget is None:
@@ -93,8 +92,8 @@ class ReferenceStep:
             vbar, l_block = _new_directions(v, layer.V.grad[:, :r], min(r, big - r))
             aug = torch.zeros(r + ubar.shape[1], r + vbar.shape[1], dtype=s.dtype, device=s.device)
             aug[:r, :r] = s
-            aug[r:, :r] = -self._block_step(k_block, st, 0) * k_block
-            aug[:r, r:] = -self._block_step(l_block, st, 1) * l_block.T
+            h = self._block_step([layer.S.grad[:r, :r], k_block, l_block], st)
+            aug[r:, :r], aug[:r, r:] = -h * k_block, -h * l_block.T
             left, sigma, right_t = torch.linalg.svd(aug)
             sigma = torch.where(sigma > 20 * torch.finfo(s.dtype).eps * aug.norm(), sigma, 0.0)
             pending.append((layer, torch.cat([u, ubar], 1), torch.cat([v, vbar], 1), left, sigma, right_t.T))

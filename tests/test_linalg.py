@@ -123,10 +123,10 @@ def test_augmented_coefficients_blocks():
     s = torch.zeros(1, width, width)
     s[0, :r, :r] = torch.randn(r, r)
     ut_gk, gl_t_v = torch.randn(1, width, width), torch.randn(1, width, width)
-    m = augmented_coefficients(s, ut_gk, gl_t_v, torch.tensor([r]), torch.tensor([a]), 0.5, 0.25)[0]
+    m = augmented_coefficients(s, ut_gk, gl_t_v, torch.tensor([r]), torch.tensor([a]), 0.5)[0]
     assert torch.equal(m[:r, :r], s[0, :r, :r])
-    assert torch.allclose(m[r:r + a, :r], -0.5 * ut_gk[0, r:r + a, :r])  # -h_K Ubar^T G_K
-    assert torch.allclose(m[:r, r:r + a], -0.25 * gl_t_v[0, :r, r:r + a])  # -h_L G_L^T Vbar
+    assert torch.allclose(m[r:r + a, :r], -0.5 * ut_gk[0, r:r + a, :r])  # -h Ubar^T G_K
+    assert torch.allclose(m[:r, r:r + a], -0.5 * gl_t_v[0, :r, r:r + a])  # -h G_L^T Vbar
     assert torch.equal(m[r:, r:], torch.zeros(width - r, width - r))
     assert not m[r + a:].any() and not m[:, r + a:].any()  # padding beyond the augmented rank
 
