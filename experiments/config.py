@@ -2,11 +2,16 @@
 of the wrong type fails at composition, before anything loads; ``validate`` checks the ranges."""
 from __future__ import annotations
 
+import dataclasses
+import typing
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
+
+from geolora import GeoLoRAConfig
+from geolora.optimizer import MOMENT_TRANSPORTS
 
 from .errors import UserError
 
@@ -65,29 +70,40 @@ class TaskConfig:
     max_eval_samples: Optional[int] = None
 
 
-@dataclass
-class MethodConfig:
-    name: MethodName = MethodName.geolora
-    # GeoLoRA
-    init_rank: int = 8
-    max_rank: int = 32
-    min_rank: int = 2
-    tau: float = 0.15
-    coefficient_steps: int = 0
-    rank_budget: Optional[int] = None  # total rank over all adapted layers (GeoLoRA and AdaLoRA)
-    moment_transport: str = "rotate"
-    # LoRA (r) and AdaLoRA (init_r = init_rank, target_r; a rank_budget sets target_r = budget / layers)
-    r: int = 8
-    target_r: int = 8
-    tinit: int = 200
-    tfinal: int = 1000
-    delta_t: int = 10
-    beta1: float = 0.85
-    beta2: float = 0.85
-    orth_reg_weight: float = 0.1
-    # all methods
-    alpha: float = 1.0  # GeoLoRA: the scale of U S V^T; LoRA/AdaLoRA: lora_alpha
-    dropout: float = 0.0
+def _geolora_fields() -> list[tuple[str, Any, Any]]:
+    """GeoLoRAConfig's fields with their types and defaults, less the two the model config sets
+    (``target_modules``, ``modules_to_save``): the GeoLoRA part of the method config."""
+    hints = typing.get_type_hints(GeoLoRAConfig)
+    out = []
+    for f in dataclasses.fields(GeoLoRAConfig):
+        if f.name in GEOLORA_FROM_MODEL:
+            continue
+        kind = hints[f.name]
+        if type(None) in typing.get_args(kind):  # ``int | None``: OmegaConf wants Optional[int]
+            kind = Optional[next(a for a in typing.get_args(kind) if a is not type(None))]
+        out.append((f.name, kind, field(default=f.default)))
+    return out
+
+
+GEOLORA_FROM_MODEL = ("target_modules", "modules_to_save")
+GEOLORA_FIELDS = tuple(name for name, _, _ in _geolora_fields())
+
+# The method config: GeoLoRA's fields and defaults (rank_budget also sets AdaLoRA's target_r = budget /
+# layers; alpha is LoRA's and AdaLoRA's lora_alpha, dropout their lora_dropout), then the optimizer's moment
+# transport, then LoRA's r and AdaLoRA's settings (its init_r is init_rank).
+MethodConfig = dataclasses.make_dataclass("MethodConfig", [
+    ("name", MethodName, field(default=MethodName.geolora)),
+    *_geolora_fields(),
+    ("moment_transport", str, field(default="rotate")),
+    ("r", int, field(default=8)),
+    ("target_r", int, field(default=8)),
+    ("tinit", int, field(default=200)),
+    ("tfinal", int, field(default=1000)),
+    ("delta_t", int, field(default=10)),
+    ("beta1", float, field(default=0.85)),
+    ("beta2", float, field(default=0.85)),
+    ("orth_reg_weight", float, field(default=0.1)),
+])
 
 
 @dataclass
@@ -167,8 +183,7 @@ def validate(cfg: Any) -> None:
             geolora_config(cfg.model, m)
         except ValueError as err:
             raise UserError(f"method settings: {err}") from None
-    _check(0.0 <= m.dropout < 1.0, f"method.dropout must lie in [0, 1), got {m.dropout}")
-    _check(m.moment_transport in ("rotate", "reset"), "method.moment_transport must be rotate or reset")
+    _check(m.moment_transport in MOMENT_TRANSPORTS, f"method.moment_transport must be one of {MOMENT_TRANSPORTS}")
     _check(m.r >= 1 and m.target_r >= 1, "method.r and method.target_r must be >= 1")
     _check(m.rank_budget is None or m.name != MethodName.lora,
            "method.rank_budget is for geolora and adalora; LoRA's rank is fixed: set method.r")

@@ -10,6 +10,8 @@ from torch import nn
 
 import geolora
 
+from .config import GEOLORA_FIELDS
+
 log = logging.getLogger(__name__)
 
 
@@ -37,9 +39,7 @@ def geolora_config(model_cfg, method) -> geolora.GeoLoRAConfig:
     """The library config of a run; its constructor checks the ranks, tau and dropout."""
     return geolora.GeoLoRAConfig(
         target_modules=list(model_cfg.target_modules), modules_to_save=list(model_cfg.modules_to_save),
-        init_rank=method.init_rank, max_rank=method.max_rank, min_rank=method.min_rank, tau=method.tau,
-        alpha=method.alpha, dropout=method.dropout, coefficient_steps=method.coefficient_steps,
-        rank_budget=method.rank_budget)
+        **{name: getattr(method, name) for name in GEOLORA_FIELDS})
 
 
 def use_geolora(model: nn.Module, model_cfg, method, trainer, total_steps: int) -> Adapted:

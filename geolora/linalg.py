@@ -196,23 +196,23 @@ def budget_ranks(sigmas: list[torch.Tensor], budget: int, min_ranks: list[int], 
     return [f + e for f, e in zip(floors, extra)]
 
 
-def transport_first_moment(moment: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
-    """Rotate an r x r first moment into the new basis: ``left[:r]^T moment right[:r]``.
+def transport_first_moment(moment: torch.Tensor, P: torch.Tensor, Q: torch.Tensor) -> torch.Tensor:
+    """Rotate an r x r first moment into the new basis: ``P[:r]^T moment Q[:r]``.
 
-    ``left`` / ``right`` ((r+a) x r1) are the kept singular vectors of the augmented coefficients.
+    ``P`` / ``Q`` ((r+a) x r1) are the kept singular vectors of the augmented coefficients.
     The old moment has no component along the augmentation directions, so only their first r rows act.
     This keeps ``U m V^T`` (the moment seen in weight space) wherever the new basis can represent it.
     """
     r = moment.shape[-1]
-    return left[..., :r, :].mT @ moment @ right[..., :r, :]
+    return P[..., :r, :].mT @ moment @ Q[..., :r, :]
 
 
-def transport_second_moment(moment: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
-    """Carry an elementwise second moment to the new basis: ``(left[:r]**2)^T moment (right[:r]**2)``.
+def transport_second_moment(moment: torch.Tensor, P: torch.Tensor, Q: torch.Tensor) -> torch.Tensor:
+    """Carry an elementwise second moment to the new basis: ``(P[:r]**2)^T moment (Q[:r]**2)``.
 
     A rotated gradient ``g' = P^T g Q`` has ``E[g'_ij^2] = sum_kl P_ki^2 Q_lj^2 E[g_kl^2]`` when the
     old entries are uncorrelated; this is that diagonal approximation. It preserves the total and
     stays non-negative.
     """
     r = moment.shape[-1]
-    return (left[..., :r, :] ** 2).mT @ moment @ (right[..., :r, :] ** 2)
+    return (P[..., :r, :] ** 2).mT @ moment @ (Q[..., :r, :] ** 2)

@@ -7,7 +7,7 @@ exact K-/L-gradients in ``U.grad`` / ``V.grad`` (see ``layer.py``):
 1. ``S' =`` base-optimizer step (AdamW or SGD) on S;
 2. augment the bases with the strongest ``a = min(r, R - r)`` directions ``Ubar``, ``Vbar`` of
    ``(I - UU^T) G_K`` and ``(I - VV^T) G_L``;
-3. SVD ``(P, Sigma, Q)`` of the augmented coefficients ``[[S', -h_L G_L^T Vbar], [-h_K Ubar^T G_K, 0]]``;
+3. SVD ``P Sigma Q^T`` of the augmented coefficients ``[[S', -h_L G_L^T Vbar], [-h_K Ubar^T G_K, 0]]``;
 4. truncate (relative tau rule per layer, or a global ``rank_budget``) and rotate U, V, S.
 
 With ``coefficient_steps = c``, steps 2-4 run every ``c + 1`` steps and only S moves in between.
@@ -42,26 +42,16 @@ from .layer import GeoLoRALinear
 from .linalg import (Augmented, augment_bases, augmented_coefficients, budget_ranks, columns_in_use,
                      matched_identity, transport_first_moment, transport_second_moment, truncation_ranks)
 from .model import adapters, config_of
+from .stacking import Buffers, Plan, in_batch_order, make_plans
 
 BASE_OPTIMIZERS = ("adamw", "sgd")
 MOMENT_TRANSPORTS = ("rotate", "reset")
 
 
-class _Plan(NamedTuple):
-    """How the layers of one maximum rank R (and dtype, device) are stacked, whatever their shapes:
-    fixed while the set of stepped layers is, so it is worked out once rather than every step."""
-
-    layers: list[GeoLoRALinear]
-    names: list[str]
-    coefficients: list[nn.Parameter]  # each layer's S
-    groups: list[list[nn.Parameter]]  # the layers' U and V factors grouped by shape
-    order: torch.Tensor  # item i of the augmentation is factor order[i] of [U_1..U_B, V_1..V_B]
-
-
 class _Batch(NamedTuple):
     """One plan's layers in one step, before anything is written."""
 
-    plan: _Plan
+    plan: Plan
     ranks: list[int]  # before this step
     s: torch.Tensor  # B x R x R, the layers' S (stacked, their parameters are views)
     s_new: torch.Tensor  # after the base step
@@ -79,31 +69,13 @@ class _Decomposed(NamedTuple):
     augmented: Augmented
     u_factor: torch.Tensor  # old basis = augmented[:, :r] @ factor, B x R x R
     v_factor: torch.Tensor
-    left: torch.Tensor  # singular vectors of the augmented coefficients, B x R x R
+    P: torch.Tensor  # the SVD P Sigma Q^T of the augmented coefficients: B x R x R
     sigma: torch.Tensor  # B x R, zero beyond what the augmented bases can hold
-    right: torch.Tensor
+    Q: torch.Tensor
     capacity: torch.Tensor  # B: the most columns both augmented bases can give
     tangent_sq: tuple[torch.Tensor, torch.Tensor] | None  # (AdamW) the stacked running mean squares of the
     # tangent gradients (B, the states hold views) and their new values
     finite: torch.Tensor  # B bool
-
-
-def _buffer_key(role: str, item_shape: tuple, like: torch.Tensor) -> tuple:
-    """Buffers are kept one per role and item shape (and dtype, device): none pile up when the number
-    of stacked items changes."""
-    return role, tuple(item_shape), like.dtype, like.device
-
-
-def _are_views(tensors: list[torch.Tensor], stacked: torch.Tensor) -> bool:
-    """Whether each ``tensors[i]`` lies where ``stacked[i]`` does (same shape assumed)."""
-    start, stride = stacked.data_ptr(), stacked.stride(0) * stacked.element_size()
-    return stacked.shape[0] == len(tensors) and all(t is not None and t.data_ptr() == start + i * stride
-                                                    for i, t in enumerate(tensors))
-
-
-def _in_batch_order(values: torch.Tensor, order: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """A per-item field of the augmentation (items in ``order``), for the batch's U and for its V factors."""
-    return torch.empty_like(values).index_copy_(0, order, values).chunk(2)
 
 
 class GeoLoRAOptimizer(torch.optim.Optimizer):
@@ -147,8 +119,8 @@ class GeoLoRAOptimizer(torch.optim.Optimizer):
         self.moment_transport = moment_transport
         self.coefficient_steps = config.coefficient_steps
         self.rank_budget = config.rank_budget
-        self._buffers: dict[tuple, torch.Tensor] = {}
-        self._plans: tuple[tuple, list[_Plan]] = ((), [])  # for the last set of stepped layers
+        self._buffers = Buffers()
+        self._plans: tuple[tuple, list[Plan]] = ((), [])  # for the last set of stepped layers
 
     @torch.no_grad()
     def step(self, closure: Callable[[], torch.Tensor] | None = None) -> torch.Tensor | None:
@@ -193,7 +165,7 @@ class GeoLoRAOptimizer(torch.optim.Optimizer):
                 state[key] = state[key].to(like)
         return {key: state[key] for key in keys}
 
-    def _plans_for(self, group: dict) -> list[_Plan]:
+    def _plans_for(self, group: dict) -> list[Plan]:
         """The stacking plans of this step's layers, rebuilt when the set of stepped layers, or their
         dtype or device, changes (then buffers of dtypes or devices no longer used are dropped)."""
         coefficients = group["params"][1::3]
@@ -201,41 +173,19 @@ class GeoLoRAOptimizer(torch.optim.Optimizer):
                         if s.grad is not None and not layer.merged)
         if self._plans[0] != stepped:
             kinds = {(dtype, device) for _, dtype, device in stepped}
-            self._buffers = {key: value for key, value in self._buffers.items() if key[2:] in kinds}
+            self._buffers.keep_only(kinds)
             indices = [i for i, _, _ in stepped]
-            self._plans = (stepped, self._make_plans([self.layers[i] for i in indices],
+            self._plans = (stepped, make_plans([self.layers[i] for i in indices],
                                                      [self.layer_names[i] for i in indices],
                                                      [group["params"][3 * i:3 * i + 3] for i in indices]))
         return self._plans[1]
 
-    @staticmethod
-    def _make_plans(layers: list[GeoLoRALinear], names: list[str], factors: list[list[nn.Parameter]]
-                    ) -> list[_Plan]:
-        """Layers of one maximum rank are stepped together whatever their shapes and ranks, in the
-        fixed-size (padded) layout: one batched base step and one batched SVD; their U and V factors
-        are stacked per shape and augmented in one call. ``factors`` holds each layer's (U, S, V)."""
-        by_rank: dict[tuple, list[int]] = {}
-        for i, (layer, (_, s, _)) in enumerate(zip(layers, factors)):
-            by_rank.setdefault((layer.max_rank, s.dtype, s.device), []).append(i)
-        plans = []
-        for members in by_rank.values():
-            bases = [factors[i][0] for i in members] + [factors[i][2] for i in members]
-            by_shape: dict[torch.Size, list[int]] = {}
-            for position, basis in enumerate(bases):
-                by_shape.setdefault(basis.shape, []).append(position)
-            order = [p for positions in by_shape.values() for p in positions]
-            plans.append(_Plan([layers[i] for i in members], [names[i] for i in members],
-                               [factors[i][1] for i in members],
-                               [[bases[p] for p in positions] for positions in by_shape.values()],
-                               torch.tensor(order, device=bases[0].device)))
-        return plans
-
-    def _coefficient_step(self, plan: _Plan, group: dict) -> _Batch:
+    def _coefficient_step(self, plan: Plan, group: dict) -> _Batch:
         """The base step on a plan's stacked S, into new tensors (nothing is written yet)."""
-        s = self._stacked_factors("coefficients", plan.coefficients)
+        s = self._buffers.stacked_factors("coefficients", plan.coefficients)
         states = [self.state[p] for p in plan.coefficients]
         moments = [self._moments(state, s[0]) for state in states]
-        stacked = {key: self._stacked(key, [m[key] for m in moments],
+        stacked = {key: self._buffers.stacked(key, [m[key] for m in moments],
                                       lambda i, view, key=key: states[i].__setitem__(key, view))
                    for key in moments[0]}
         steps = [state["step"] + 1 for state in states]
@@ -268,31 +218,6 @@ class GeoLoRAOptimizer(torch.optim.Optimizer):
                 grad = exp_avg.mul_(group["momentum"]).add_(grad)
             param.add_(grad, alpha=-lr)
 
-    def _scratch(self, role: str, shape: tuple, like: torch.Tensor) -> torch.Tensor:
-        """A buffer kept across steps: on CPU a fresh allocation of the stacked n-sized factors each
-        step costs page faults that rival the arithmetic done with them."""
-        key = _buffer_key(role, shape[1:], like)
-        if key not in self._buffers or self._buffers[key].shape != shape:
-            self._buffers[key] = torch.empty(shape, dtype=like.dtype, device=like.device)
-        return self._buffers[key]
-
-    def _stacked(self, role: str, tensors: list[torch.Tensor], rebind: Callable[[int, torch.Tensor], None]
-                 ) -> torch.Tensor:
-        """The stacked tensor that ``tensors`` are views of, so batched work reads and writes them in
-        place. Made wherever they are not its views (the first step, after the model was moved or
-        cast, or when the stepped layers change), then ``rebind(i, view)`` makes item i a view."""
-        key = _buffer_key(role, tensors[0].shape, tensors[0])
-        stacked = self._buffers.get(key)
-        if stacked is None or not _are_views(tensors, stacked):
-            stacked = self._buffers[key] = torch.stack(tensors)
-            for i, view in enumerate(stacked.unbind()):
-                rebind(i, view)
-        return stacked
-
-    def _stacked_factors(self, role: str, factors: list[nn.Parameter]) -> torch.Tensor:
-        """Factors as views of one stacked tensor: batched results land in the parameters."""
-        return self._stacked(role, factors, lambda i, view: setattr(factors[i], "data", view))
-
     def _augment(self, batch: _Batch, widths: list[int]) -> tuple[list[torch.Tensor], Augmented]:
         """Augment a batch's bases (U and V factors alike) by their gradients (the K- and L-gradients),
         stacked per factor shape, in one call. The S-gradient is ``U^T G_K`` (transposed ``V^T G_L``):
@@ -301,15 +226,15 @@ class GeoLoRAOptimizer(torch.optim.Optimizer):
         ranks = torch.tensor(batch.ranks * 2, device=device)[plan.order]
         widths = torch.tensor(widths * 2, device=device)[plan.order]
         overlaps = torch.cat([batch.grad_s, batch.grad_s.mT])[plan.order]
-        stacked = [self._stacked_factors("bases", g) for g in plan.groups]
-        directions = [torch.stack([f.grad for f in g], out=self._scratch("directions", (len(g), *g[0].shape), g[0]))
+        stacked = [self._buffers.stacked_factors("bases", g) for g in plan.groups]
+        directions = [torch.stack([f.grad for f in g], out=self._buffers.scratch("directions", (len(g), *g[0].shape), g[0]))
                       for g in plan.groups]  # the projection is written over them
         augmented = augment_bases(stacked, directions, ranks, widths,
-                                  out=[self._scratch("columns", d.shape, d) for d in directions],
+                                  out=[self._buffers.scratch("columns", d.shape, d) for d in directions],
                                   projections_out=directions, overlap=overlaps)
         return stacked, augmented
 
-    def _block_steps(self, batch: _Batch, projections: tuple[torch.Tensor, torch.Tensor],
+    def _step_size(self, batch: _Batch, projections: tuple[torch.Tensor, torch.Tensor],
                      valid: tuple[torch.Tensor, torch.Tensor], ranks: torch.Tensor, group: dict
                      ) -> tuple[torch.Tensor | float, tuple | None]:
         """The step size of the new blocks (B x 1 x 1) and (stacked, new) running mean squares of the
@@ -325,7 +250,7 @@ class GeoLoRAOptimizer(torch.optim.Optimizer):
             counts.append(new.sum(-1) * ranks)
         mean_square = sum(squares) / sum(counts)
         coefficients = batch.plan.coefficients
-        previous = self._stacked("tangent_sq", [self._tangent_state(p, batch.s) for p in coefficients],
+        previous = self._buffers.stacked("tangent_sq", [self._tangent_state(p, batch.s) for p in coefficients],
                                  lambda i, view: self.state[coefficients[i]].__setitem__("tangent_sq", view))
         beta2 = group["betas"][1]
         running = torch.where(previous > 0, beta2 * previous + (1 - beta2) * mean_square, mean_square)
@@ -350,12 +275,12 @@ class GeoLoRAOptimizer(torch.optim.Optimizer):
         stacked, augmented = self._augment(batch, host_widths)
         order = batch.plan.order
         ranks, widths = torch.tensor(batch.ranks, device=device), torch.tensor(host_widths, device=device)
-        u_factor, v_factor = _in_batch_order(augmented.r_factor, order)
-        u_valid, v_valid = _in_batch_order(augmented.valid, order)
-        u_projections, v_projections = _in_batch_order(augmented.projections, order)
-        finite = torch.isfinite(batch.s_new).all((-2, -1)) & _in_batch_order(augmented.finite, order)[0] \
-            & _in_batch_order(augmented.finite, order)[1]
-        step, tangent_sq = self._block_steps(batch, (u_projections, v_projections), (u_valid, v_valid), ranks, group)
+        u_factor, v_factor = in_batch_order(augmented.r_factor, order)
+        u_valid, v_valid = in_batch_order(augmented.valid, order)
+        u_projections, v_projections = in_batch_order(augmented.projections, order)
+        finite = torch.isfinite(batch.s_new).all((-2, -1)) & in_batch_order(augmented.finite, order)[0] \
+            & in_batch_order(augmented.finite, order)[1]
+        step, tangent_sq = self._step_size(batch, (u_projections, v_projections), (u_valid, v_valid), ranks, group)
         s = u_factor @ batch.s_new @ v_factor.mT  # S in the augmented bases
         s = augmented_coefficients(s, u_projections, v_projections.mT, ranks, widths, step)
         s = torch.where(finite.view(-1, 1, 1), s, 0.0)  # a non-finite layer is refused after the sync
@@ -363,10 +288,10 @@ class GeoLoRAOptimizer(torch.optim.Optimizer):
         # at rounding size, makes the SVD put the singular vectors of zero singular values there (they
         # are kept when min_rank asks for more than the nonzero ones), never on a zero column.
         nudge = 10 * torch.finfo(s.dtype).eps * (torch.linalg.matrix_norm(s) + 1e-20).view(-1, 1, 1)
-        left, sigma, right_t = torch.linalg.svd(s + nudge * matched_identity(u_valid, v_valid).to(s.dtype))
+        P, sigma, Q_t = torch.linalg.svd(s + nudge * matched_identity(u_valid, v_valid).to(s.dtype))
         sigma = torch.where(sigma > 2 * nudge.view(-1, 1), sigma, 0.0)
         capacity = torch.minimum(u_valid.sum(-1), v_valid.sum(-1))
-        return _Decomposed(batch, stacked, augmented, u_factor, v_factor, left, sigma, right_t.mT, capacity,
+        return _Decomposed(batch, stacked, augmented, u_factor, v_factor, P, sigma, Q_t.mT, capacity,
                            tangent_sq, finite)
 
     def _decide(self, batches: list[_Batch], decomposed: list[_Decomposed], others: list[tuple[str, torch.Tensor]],
@@ -424,7 +349,7 @@ class GeoLoRAOptimizer(torch.optim.Optimizer):
             start += len(members)
             keep = columns_in_use(torch.tensor(host_ranks, device=sigma.device), sigma.shape[-1]).to(sigma.dtype)
             # Rotations zero beyond the new rank (as the layers keep them).
-            rotations = (torch.cat([d.left, d.right]) * keep.repeat(2, 1).unsqueeze(-2))[d.batch.plan.order]
+            rotations = (torch.cat([d.P, d.Q]) * keep.repeat(2, 1).unsqueeze(-2))[d.batch.plan.order]
             d.augmented.product(rotations, out=d.stacked)  # into the layers' U and V
             self._commit_coefficients(d.batch, torch.diag_embed(sigma * keep),
                                       self._transported_moments(d, keep.unsqueeze(-1) * keep.unsqueeze(-2)))
@@ -444,8 +369,8 @@ class GeoLoRAOptimizer(torch.optim.Optimizer):
         moments = dict(d.batch.moments_new)
         if "exp_avg" in moments:
             first = d.u_factor @ moments["exp_avg"] @ d.v_factor.mT
-            moments["exp_avg"] = transport_first_moment(first, d.left, d.right) * block
+            moments["exp_avg"] = transport_first_moment(first, d.P, d.Q) * block
         if "exp_avg_sq" in moments:
             second = d.u_factor ** 2 @ moments["exp_avg_sq"] @ (d.v_factor ** 2).mT
-            moments["exp_avg_sq"] = transport_second_moment(second, d.left, d.right) * block
+            moments["exp_avg_sq"] = transport_second_moment(second, d.P, d.Q) * block
         return moments

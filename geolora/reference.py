@@ -94,14 +94,14 @@ class ReferenceStep:
             aug[:r, :r] = s
             h = self._block_step([layer.S.grad[:r, :r], k_block, l_block], st)
             aug[r:, :r], aug[:r, r:] = -h * k_block, -h * l_block.T
-            left, sigma, right_t = torch.linalg.svd(aug)
+            P, sigma, Q_t = torch.linalg.svd(aug)
             sigma = torch.where(sigma > 20 * torch.finfo(s.dtype).eps * aug.norm(), sigma, 0.0)
-            pending.append((layer, torch.cat([u, ubar], 1), torch.cat([v, vbar], 1), left, sigma, right_t.T))
+            pending.append((layer, torch.cat([u, ubar], 1), torch.cat([v, vbar], 1), P, sigma, Q_t.T))
         ranks = self._ranks([p[4] for p in pending], [p[0] for p in pending])
-        for (layer, u_aug, v_aug, left, sigma, right), k in zip(pending, ranks):
+        for (layer, u_aug, v_aug, P, sigma, Q), k in zip(pending, ranks):
             st, r = self.state[layer], layer.rank
-            left, right = left[:, :k], right[:, :k]
+            P, Q = P[:, :k], Q[:, :k]
             for key, power in (("exp_avg", 1), ("exp_avg_sq", 2)):  # moments follow the basis
                 if key in st:
-                    st[key] = (left[:r] ** power).T @ st[key] @ right[:r] ** power
-            layer.set_factors(u_aug @ left, torch.diag(sigma[:k]), v_aug @ right)
+                    st[key] = (P[:r] ** power).T @ st[key] @ Q[:r] ** power
+            layer.set_factors(u_aug @ P, torch.diag(sigma[:k]), v_aug @ Q)

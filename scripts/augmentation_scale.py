@@ -35,7 +35,7 @@ from geolora.linalg import columns_in_use  # noqa: E402
 
 
 class SGain(geolora.GeoLoRAOptimizer):
-    def _block_steps(self, batch, projections, valid, ranks, group):
+    def _step_size(self, batch, projections, valid, ranks, group):
         second = batch.moments_new["exp_avg_sq"].sum(dim=(-2, -1)).view(-1, 1, 1) / ranks.view(-1, 1, 1) ** 2
         return group["lr"] / ((second / (1 - group["betas"][1] ** batch.steps)).sqrt() + group["eps"]), None
 
@@ -50,8 +50,8 @@ def _new_blocks(projections, valid, ranks):
 class EntryCap(SGain):
     """The S-gradient gain, lowered per layer until no entry of the blocks exceeds lr."""
 
-    def _block_steps(self, batch, projections, valid, ranks, group):
-        gain, _ = super()._block_steps(batch, projections, valid, ranks, group)
+    def _step_size(self, batch, projections, valid, ranks, group):
+        gain, _ = super()._step_size(batch, projections, valid, ranks, group)
         blocks, _ = _new_blocks(projections, valid, ranks)
         largest = torch.stack([b.abs().amax((-2, -1)) for b in blocks]).amax(0).clamp_min(1e-30)
         return torch.minimum(gain, group["lr"] / largest.view(-1, 1, 1)), None
@@ -60,7 +60,7 @@ class EntryCap(SGain):
 class BlockRMS(geolora.GeoLoRAOptimizer):
     """The blocks' own current RMS (G_S left out): RMS exactly lr, however little lies outside the bases."""
 
-    def _block_steps(self, batch, projections, valid, ranks, group):
+    def _step_size(self, batch, projections, valid, ranks, group):
         blocks, count = _new_blocks(projections, valid, ranks)
         mean_square = sum(b.pow(2).sum((-2, -1)) for b in blocks) / count.clamp_min(1)
         return (group["lr"] / (mean_square.sqrt() + group["eps"])).view(-1, 1, 1), None

@@ -27,7 +27,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import geolora  # noqa: E402
+from experiments.config import MethodConfig, MethodName, ModelConfig, TrainerConfig  # noqa: E402
+from experiments.methods import adapt  # noqa: E402
 
 TARGETS = ["query_proj", "key_proj", "value_proj", "intermediate.dense", "output.dense"]
 GEOMETRIES = {
@@ -36,6 +37,9 @@ GEOMETRIES = {
     "tiny": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64),  # tests
 }
 METHODS = ["frozen", "lora", "adalora", "geolora", "geolora_c10"]
+MODEL = ModelConfig(name="deberta-v3 (random weights)", name_or_path="none", target_modules=TARGETS,
+                    modules_to_save=["classifier", "pooler"])
+TRAINER = TrainerConfig(lr=1e-4, weight_decay=0.01)  # torch AdamW's default weight decay, for every method
 
 
 def build_model(geometry: str, device: torch.device, seed: int = 0) -> torch.nn.Module:
@@ -49,53 +53,43 @@ def build_model(geometry: str, device: torch.device, seed: int = 0) -> torch.nn.
     return DebertaV2ForSequenceClassification(config).to(device)
 
 
+def method_config(method: str, args) -> MethodConfig:
+    """The bench's settings of each method, in the harness's method config."""
+    if method == "lora":
+        return MethodConfig(name=MethodName.lora, r=args.rank, alpha=2 * args.rank)
+    if method == "adalora":  # a long run: importance scores every step, masks every deltaT steps
+        return MethodConfig(name=MethodName.adalora, init_rank=args.rank, target_r=max(1, args.rank // 2), tinit=0,
+                            tfinal=1000, delta_t=10, alpha=2 * args.rank)
+    return MethodConfig(name=MethodName.geolora, init_rank=args.rank, max_rank=2 * args.rank, min_rank=2,
+                        tau=args.tau, coefficient_steps=10 if method == "geolora_c10" else 0)
+
+
 class Runner:
-    """One method on its own copy of the model: ``step()`` times forward+backward and the update."""
+    """One method on its own copy of the model: ``step()`` times forward+backward and the update.
+    Methods are built by the harness (``experiments.methods.adapt``), as a run builds them."""
 
     def __init__(self, method: str, args, device: torch.device) -> None:
         self.method, self.device = method, device
         model = build_model(args.geometry, device)
         self.after = lambda step: None
         self.inputs_need_grad = False
+        self.ranks = dict
         if method == "frozen":  # the floor: forward + backward through the frozen network, no weight grads
             model.requires_grad_(False)
             self.inputs_need_grad = True
             self.optimizer = None
-            self.trainable = 0
-        elif method == "lora":
-            from peft import LoraConfig, get_peft_model
-
-            model = get_peft_model(model, LoraConfig(r=args.rank, lora_alpha=2 * args.rank, target_modules=TARGETS,
-                                                     modules_to_save=["classifier", "pooler"]))
-            self.optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-        elif method == "adalora":
-            from peft import AdaLoraConfig, get_peft_model
-
-            total = 10 ** 6  # long run: every step updates importance scores; masks every deltaT steps
-            model = get_peft_model(model, AdaLoraConfig(init_r=args.rank, target_r=max(1, args.rank // 2),
-                                                        tinit=0, tfinal=1000, deltaT=10, total_step=total,
-                                                        lora_alpha=2 * args.rank, target_modules=TARGETS,
-                                                        modules_to_save=["classifier", "pooler"]))
-            self.optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-            self.after = model.base_model.update_and_allocate
+            self.trainable = lambda: 0
         else:
-            config = geolora.GeoLoRAConfig(target_modules=TARGETS, init_rank=args.rank, max_rank=2 * args.rank,
-                                           min_rank=2, tau=args.tau, modules_to_save=["classifier", "pooler"],
-                                           coefficient_steps=10 if method == "geolora_c10" else 0)
-            geolora.inject(model, config)
-            self.optimizer = geolora.GeoLoRAOptimizer(model, lr=1e-4)
+            adapted = adapt(model, MODEL, method_config(method, args), TRAINER, total_steps=10 ** 6)
+            model, self.optimizer, self.after = adapted.model, adapted.optimizer, adapted.after_step
+            self.trainable = adapted.trainable
+            if method.startswith("geolora"):
+                self.ranks = adapted.ranks
         self.model = model.train()
-        if method != "frozen":
-            self.trainable = self._trainable()
         g = torch.Generator().manual_seed(1)
         self.batch = {"input_ids": torch.randint(0, 128100, (args.batch, args.seq), generator=g).to(device),
                       "labels": torch.randint(0, 2, (args.batch,), generator=g).to(device)}
         self.steps = 0
-
-    def _trainable(self) -> int:
-        if self.method.startswith("geolora"):
-            return geolora.count_trainable(self.model)
-        return sum(p.numel() for p in self.model.parameters() if p.requires_grad)
 
     def _sync(self) -> None:
         if self.device.type == "cuda":
@@ -199,9 +193,8 @@ def main() -> None:
                 updates[m].append(update)
     rows = {}
     for m, runner in runners.items():
-        ranks = geolora.ranks(runner.model) if m.startswith("geolora") else {}
-        rows[m] = {"iteration_ms": ms(totals[m]), "update_ms": ms(updates[m]),
-                   "trainable_params": runner._trainable() if m != "frozen" else 0,
+        ranks = runner.ranks()
+        rows[m] = {"iteration_ms": ms(totals[m]), "update_ms": ms(updates[m]), "trainable_params": runner.trainable(),
                    "mean_rank": statistics.mean(ranks.values()) if ranks else None}
     del runners
     for m in methods:
