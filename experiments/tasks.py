@@ -1,0 +1,90 @@
+"""Task families: what a run trains (the model and its data), the loss of a batch (the objective) and
+the metrics (the evaluator). The training loop knows only this interface; classification of text and of
+images is one family, and a new family (DreamBooth, say) is one more builder in ``FAMILIES``."""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from . import data as data_lib
+from .errors import UserError
+from .metrics import compute_metrics
+from .models import image_statistics, load_model, load_tokenizer
+
+
+def autocast(precision: str, device: torch.device):
+    """The autocast context of a run's precision (none for fp32)."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+
+
+@dataclass
+class Classification:
+    """Sequence or image classification (and regression, ``num_labels`` 1): the model's own loss on
+    labelled batches, metrics over every evaluation split."""
+
+    task: Any
+    train_loader: DataLoader
+    eval_loaders: dict[str, DataLoader]
+
+    def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return model(**batch).loss
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, device: torch.device, precision: str, progress: bool) -> dict[str, float]:
+        """Task metrics on every evaluation split; keys prefixed with the split when there are several."""
+        model.eval()
+        results = {}
+        for split, loader in self.eval_loaders.items():
+            preds, labels = [], []
+            for batch in tqdm(loader, desc=f"eval {split}", leave=False, disable=not progress):
+                batch = {k: v.to(device) for k, v in batch.items()}
+                with autocast(precision, device):
+                    logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
+                preds.append(logits.float().cpu().numpy())
+                labels.append(batch["labels"].cpu().numpy())
+            metrics = compute_metrics(self.task.metric, np.concatenate(preds), np.concatenate(labels))
+            prefix = f"{split}/" if len(self.eval_loaders) > 1 else ""
+            results.update({prefix + k: v for k, v in metrics.items()})
+        model.train()
+        return results
+
+
+def classification(cfg) -> tuple[nn.Module, Classification]:
+    """The model (a sequence or image classifier) and the family of a classification run."""
+    task, trainer = cfg.task, cfg.trainer
+    data = data_lib.load_task_data(task)
+    if task.modality.value == "text":
+        from transformers import DataCollatorWithPadding
+
+        tokenizer = load_tokenizer(cfg.model)
+        data = data_lib.tokenize(data, tokenizer, task)
+        train_collate = eval_collate = DataCollatorWithPadding(tokenizer)
+    else:
+        mean, std = image_statistics(cfg.model)
+        train_collate = data_lib.ImageBatches(task, mean, std, train=True)
+        eval_collate = data_lib.ImageBatches(task, mean, std, train=False)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    train = DataLoader(data[task.train_split], batch_size=trainer.batch_size, shuffle=True, drop_last=False,
+                       collate_fn=train_collate, generator=generator, num_workers=trainer.num_workers)
+    evals = {split: DataLoader(data[split], batch_size=trainer.eval_batch_size, collate_fn=eval_collate,
+                               num_workers=trainer.num_workers) for split in task.eval_splits}
+    return load_model(cfg.model, task), Classification(task, train, evals)
+
+
+FAMILIES: dict[str, Callable[[Any], tuple[nn.Module, Any]]] = {"classification": classification}
+
+
+def build(cfg) -> tuple[nn.Module, Any]:
+    """The model and the task family of a run (``task.family``)."""
+    if cfg.task.family not in FAMILIES:
+        raise UserError(f"task.family={cfg.task.family!r} is not one of {sorted(FAMILIES)}")
+    return FAMILIES[cfg.task.family](cfg)
