@@ -1,0 +1,225 @@
+"""Tables and figures of ``make reproduce-tables``, rebuilt from run folders alone (never from numbers
+typed by hand): one builder per study kind (``KINDS``), each returning Markdown and LaTeX."""
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import math
+import os
+import statistics
+from pathlib import Path
+
+from .records import finished_summary
+
+log = logging.getLogger(__name__)
+
+
+def _value(text: str):
+    for parse in (int, float):
+        try:
+            return parse(text)
+        except ValueError:
+            pass
+    return text
+
+
+def collect(study: Study, study_dir: Path) -> list[tuple[dict, dict, Path]]:
+    """(point, summary, run folder) of every finished or diverged run of a study; the point holds the
+    study's axes as the run's Hydra overrides (``.hydra/overrides.yaml``) set them."""
+    import yaml
+
+    by_key = {key: axis for axis, key in study.axes.items()}
+    out = []
+    for summary_file in sorted(study_dir.rglob("summary.json")):
+        run_dir = summary_file.parent
+        summary = finished_summary(run_dir)
+        overrides_file = run_dir / ".hydra" / "overrides.yaml"
+        if summary is None or not overrides_file.is_file():
+            continue
+        pairs = (o.split("=", 1) for o in yaml.safe_load(overrides_file.read_text()))
+        point = {by_key[key]: _value(value) for key, value in pairs if key in by_key}
+        out.append((point, summary, run_dir))
+    return out
+
+
+def final_metric(summary: dict) -> float:
+    """The run's final main metric; nan when it diverged or never evaluated."""
+    value = summary.get("final", {}).get(summary["main_metric"])
+    return float("nan") if summary.get("diverged") or value is None else float(value)
+
+
+def _mean_std(values: list[float]) -> str:
+    values = [v for v in values if not math.isnan(v)]
+    if not values:
+        return "nan"
+    if len(values) == 1:
+        return f"{values[0]:.4f}"
+    return f"{statistics.mean(values):.4f} ± {statistics.stdev(values):.4f}"
+
+
+def paper_value(paper: dict, study: str, task: str, method: str) -> str:
+    value = paper.get("tables", {}).get(study, {}).get(task, {}).get(method)
+    return "—" if value is None else f"{value}"
+
+
+RESULT_COLUMNS = ["ours (mean ± std)", "seeds", "diverged", "params in use", "time / run (s)"]
+
+
+def _results(summaries: list[dict]) -> list[str]:
+    """The RESULT_COLUMNS cells of a group of runs (one per seed): final metric, counts, means."""
+    return [_mean_std([final_metric(s) for s in summaries]), str(len(summaries)),
+            str(sum(bool(s.get("diverged")) for s in summaries)),
+            f"{statistics.mean(s['trainable_params_final'] for s in summaries):,.0f}",
+            f"{statistics.mean(s['total_time_s'] for s in summaries):.0f}"]
+
+
+def _grouped(runs: list, *axes: str) -> list[tuple[tuple, list[dict]]]:
+    """Summaries grouped by the values of ``axes`` (seeds pooled), sorted."""
+    groups: dict[tuple, list] = {}
+    for point, summary, _ in runs:
+        groups.setdefault(tuple(point[a] for a in axes), []).append(summary)
+    return sorted(groups.items())
+
+
+def _tables(header: list[str], rows: list[list[str]], text_columns: int) -> tuple[str, str]:
+    """The same table as Markdown and as a LaTeX tabular (booktabs)."""
+    markdown = "\n".join(["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+                         + ["| " + " | ".join(r) + " |" for r in rows]) + "\n"
+    latex = ("\\begin{tabular}{" + "l" * text_columns + "r" * (len(header) - text_columns) + "}\n\\toprule\n"
+             + "".join(" & ".join(_latex(c) for c in r) + " \\\\\n" + ("\\midrule\n" if r is header else "")
+                       for r in [header, *rows])
+             + "\\bottomrule\n\\end{tabular}\n")
+    return markdown, latex
+
+
+def _latex(cell: str) -> str:
+    return cell.replace("±", "$\\pm$").replace("_", "\\_").replace("—", "--")
+
+
+def methods_table(study: str, runs: list, out_png: Path, paper: dict) -> tuple[str, str]:
+    """Main metric per task x method (mean ± std over seeds) beside the paper's, params, time."""
+    header = ["task", "method", "metric", RESULT_COLUMNS[0], "paper", *RESULT_COLUMNS[1:]]
+    rows = []
+    for (task, method), summaries in _grouped(runs, "task", "method"):
+        ours, *rest = _results(summaries)
+        rows.append([task, method, summaries[0]["main_metric"].removeprefix("eval/"), ours,
+                     paper_value(paper, study, task, method), *rest])
+    return _tables(header, rows, text_columns=3)
+
+
+def _curves(run_dir: Path, key: str) -> tuple[list[int], list[float]]:
+    """(steps, values) of ``key`` in a run's metrics.jsonl (nan where a value is missing)."""
+    steps, values = [], []
+    for line in open(run_dir / "metrics.jsonl", encoding="utf-8"):
+        record = json.loads(line)
+        if key in record:
+            steps.append(record["step"])
+            values.append(float("nan") if record[key] is None else record[key])
+    return steps, values
+
+
+def _mean_curve(curves: list[tuple[list[int], list[float]]]) -> tuple[list[int], list[float]]:
+    length = min(len(c[0]) for c in curves)
+    return curves[0][0][:length], [statistics.mean(c[1][i] for c in curves) for i in range(length)]
+
+
+def initial_rank_figure(study: str, runs: list, out_png: Path, paper: dict) -> tuple[str, str]:
+    """Parameters in use and validation metric over training, one line per initial rank (mean over seeds);
+    returns the table of final results per initial rank."""
+    from .plots import plt
+
+    by_rank: dict[int, list] = {}
+    for point, _, run_dir in runs:
+        by_rank.setdefault(point["init_rank"], []).append(run_dir)
+    metric = runs[0][1]["main_metric"]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    for rank, run_dirs in sorted(by_rank.items()):
+        param_steps, params = _mean_curve([_curves(d, "trainable_params") for d in run_dirs])
+        metric_steps, values = _mean_curve([_curves(d, metric) for d in run_dirs])
+        left.plot(param_steps, params, marker=".", label=f"init rank {rank}")
+        right.plot(metric_steps, values, marker=".", label=f"init rank {rank}")
+    left.set(xlabel="step", ylabel="trainable parameters in use", title="parameters in use")
+    right.set(xlabel="step", ylabel=metric, title="validation metric")
+    left.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=120)
+    plt.close(fig)
+    rows = [[str(rank), *_results(summaries)] for (rank,), summaries in _grouped(runs, "init_rank")]
+    return _tables(["initial rank", *RESULT_COLUMNS], rows, text_columns=1)
+
+
+def robustness_figure(study: str, runs: list, out_png: Path, paper: dict) -> tuple[str, str]:
+    """Final metric over learning rate x rank budget, one heatmap per method; diverged cells are nan.
+    Returns the grids as Markdown followed by the full table (also as LaTeX)."""
+    import numpy as np
+
+    from .plots import plt
+
+    methods = sorted({p["method"] for p, _, _ in runs})
+    lrs = sorted({p["lr"] for p, _, _ in runs}, reverse=True)
+    budgets = sorted({p["budget"] for p, _, _ in runs})
+    cells: dict[tuple, list] = {}
+    for point, summary, _ in runs:
+        cells.setdefault((point["method"], point["lr"], point["budget"]), []).append(final_metric(summary))
+    rows = ["| method | lr | " + " | ".join(f"budget {b}" for b in budgets) + " |",
+            "|---|---|" + "---|" * len(budgets)]
+    grids = {}
+    for method in methods:
+        grid = grids[method] = np.full((len(lrs), len(budgets)), np.nan)
+        for i, lr in enumerate(lrs):
+            for j, budget in enumerate(budgets):
+                values = cells.get((method, lr, budget), [])
+                if values and not any(math.isnan(v) for v in values):
+                    grid[i, j] = statistics.mean(values)
+            rows.append(f"| {method} | {lr:g} | " + " | ".join("nan" if math.isnan(v) else f"{v:.4f}"
+                                                               for v in grid[i]) + " |")
+    finite = [v for grid in grids.values() for v in grid.flat if not math.isnan(v)]
+    low = min(finite, default=0.0)  # one colour scale for every panel, so cells compare across methods
+    cmap = plt.get_cmap("viridis").with_extremes(bad="lightgray")  # diverged cells
+    fig, axes = plt.subplots(1, len(methods), figsize=(5 * len(methods), 4), squeeze=False)
+    for ax, method in zip(axes[0], methods):
+        grid = grids[method]
+        ax.imshow(grid, vmin=low, vmax=max(finite, default=1.0), cmap=cmap)
+        for i, j in itertools.product(range(len(lrs)), range(len(budgets))):
+            diverged = np.isnan(grid[i, j])
+            ax.text(j, i, "nan" if diverged else f"{grid[i, j]:.3f}", ha="center", va="center",
+                    color="black" if diverged else "white", fontsize=8)
+        ax.set(xticks=range(len(budgets)), xticklabels=budgets, yticks=range(len(lrs)),
+               yticklabels=[f"{lr:g}" for lr in lrs], xlabel="rank budget", ylabel="learning rate", title=method)
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=120)
+    plt.close(fig)
+    detail = [[method, f"{lr:g}", str(budget), *_results(summaries)]
+              for (method, lr, budget), summaries in _grouped(runs, "method", "lr", "budget")]
+    markdown, latex = _tables(["method", "lr", "rank budget", *RESULT_COLUMNS], detail, text_columns=3)
+    return "\n".join(rows) + "\n\n" + markdown, latex
+
+
+KINDS = {"methods": (methods_table, False), "initial_rank": (initial_rank_figure, True),
+         "robustness": (robustness_figure, True)}
+"""Study kind -> (builder(study name, runs, figure path, paper numbers), whether it draws a figure)."""
+
+
+def aggregate(profile_name: str, studies: list, runs_root: Path, out: Path, paper: dict) -> list[Path]:
+    """Rebuild every table (Markdown + LaTeX) and figure (PNG) of the profile from its run folders."""
+    (out / "tables").mkdir(parents=True, exist_ok=True)
+    (out / "figures").mkdir(parents=True, exist_ok=True)
+    written = []
+    for study in studies:
+        runs = collect(study, runs_root / profile_name / study.name)
+        if not runs:
+            log.warning("study %s has no finished runs", study.name)
+            continue
+        stem = f"{profile_name}_{study.name}"
+        sources = "\n".join(f"- {os.path.relpath(r, out)}" for _, _, r in runs)
+        build, draws = KINDS[study.kind]
+        markdown, latex = build(study.name, runs, out / "figures" / f"{stem}.png", paper)
+        if draws:
+            written.append(out / "figures" / f"{stem}.png")
+        (out / "tables" / f"{stem}.tex").write_text(latex)
+        written.append(out / "tables" / f"{stem}.tex")
+        (out / "tables" / f"{stem}.md").write_text(f"# {profile_name}: {study.name}\n\n{markdown}\n"
+                                                   f"Built from these run folders:\n{sources}\n")
+        written.append(out / "tables" / f"{stem}.md")
+    return written
