@@ -9,8 +9,12 @@ import math
 import os
 import statistics
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .records import finished_summary
+
+if TYPE_CHECKING:
+    from .reproduce import Study
 
 log = logging.getLogger(__name__)
 
