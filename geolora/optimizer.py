@@ -153,17 +153,22 @@ class GeoLoRAOptimizer(torch.optim.Optimizer):
         return loss
 
     def _moments(self, state: dict, like: torch.Tensor) -> dict[str, torch.Tensor]:
-        """The base optimizer's moment tensors in ``state``, created (zero) on first use and cast to
-        ``like``'s dtype and device when the model was moved or cast since."""
+        """The base optimizer's moment tensors in ``state`` (see ``_state_tensor``)."""
         keys = ("exp_avg", "exp_avg_sq") if self.base_optimizer == "adamw" else ("exp_avg",)
         if not state:
             state["step"] = 0
-        for key in keys:
-            if key not in state:
-                state[key] = torch.zeros_like(like)
-            elif state[key].dtype != like.dtype or state[key].device != like.device:
-                state[key] = state[key].to(like)
-        return {key: state[key] for key in keys}
+        return {key: self._state_tensor(state, key, like, like.shape) for key in keys}
+
+    @staticmethod
+    def _state_tensor(state: dict, key: str, like: torch.Tensor, shape: tuple) -> torch.Tensor:
+        """``state[key]``, created (zero, of ``shape``) on first use and cast to ``like``'s dtype and device
+        when the model was moved or cast since."""
+        value = state.get(key)
+        if value is None:
+            value = state[key] = torch.zeros(shape, dtype=like.dtype, device=like.device)
+        elif value.dtype != like.dtype or value.device != like.device:
+            value = state[key] = value.to(like)
+        return value
 
     def _plans_for(self, group: dict) -> list[Plan]:
         """The stacking plans of this step's layers, rebuilt when the set of stepped layers, or their
@@ -227,7 +232,8 @@ class GeoLoRAOptimizer(torch.optim.Optimizer):
         widths = torch.tensor(widths * 2, device=device)[plan.order]
         overlaps = torch.cat([batch.grad_s, batch.grad_s.mT])[plan.order]
         stacked = [self._buffers.stacked_factors("bases", g) for g in plan.groups]
-        directions = [torch.stack([f.grad for f in g], out=self._buffers.scratch("directions", (len(g), *g[0].shape), g[0]))
+        directions = [torch.stack([f.grad for f in g],
+                                  out=self._buffers.scratch("directions", (len(g), *g[0].shape), g[0]))
                       for g in plan.groups]  # the projection is written over them
         augmented = augment_bases(stacked, directions, ranks, widths,
                                   out=[self._buffers.scratch("columns", d.shape, d) for d in directions],
@@ -235,8 +241,8 @@ class GeoLoRAOptimizer(torch.optim.Optimizer):
         return stacked, augmented
 
     def _step_size(self, batch: _Batch, projections: tuple[torch.Tensor, torch.Tensor],
-                     valid: tuple[torch.Tensor, torch.Tensor], ranks: torch.Tensor, group: dict
-                     ) -> tuple[torch.Tensor | float, tuple | None]:
+                   valid: tuple[torch.Tensor, torch.Tensor], ranks: torch.Tensor, group: dict
+                   ) -> tuple[torch.Tensor | float, tuple | None]:
         """The step size of the new blocks (B x 1 x 1) and (stacked, new) running mean squares of the
         layers' tangent gradients ``[G_S, Ubar^T G_K, G_L^T Vbar]``."""
         if self.base_optimizer != "adamw":
@@ -250,22 +256,15 @@ class GeoLoRAOptimizer(torch.optim.Optimizer):
             counts.append(new.sum(-1) * ranks)
         mean_square = sum(squares) / sum(counts)
         coefficients = batch.plan.coefficients
-        previous = self._buffers.stacked("tangent_sq", [self._tangent_state(p, batch.s) for p in coefficients],
-                                 lambda i, view: self.state[coefficients[i]].__setitem__("tangent_sq", view))
+        states = [self.state[p] for p in coefficients]
+        previous = self._buffers.stacked(
+            "tangent_sq", [self._state_tensor(st, "tangent_sq", batch.s, ()) for st in states],
+            lambda i, view: states[i].__setitem__("tangent_sq", view))
         beta2 = group["betas"][1]
         running = torch.where(previous > 0, beta2 * previous + (1 - beta2) * mean_square, mean_square)
         # The larger of the running and the current mean square: a gradient surge cannot enlarge the step.
         step = group["lr"] / (torch.maximum(running, mean_square).sqrt() + group["eps"])
         return step.view(-1, 1, 1), (previous, running)
-
-    def _tangent_state(self, coefficients: nn.Parameter, like: torch.Tensor) -> torch.Tensor:
-        """A layer's running mean square of its tangent gradients (zero before the first)."""
-        state = self.state[coefficients]
-        value = state.get("tangent_sq")
-        if value is None or value.dtype != like.dtype or value.device != like.device:
-            value = torch.zeros((), dtype=like.dtype, device=like.device) if value is None else value.to(like)
-            state["tangent_sq"] = value
-        return value
 
     def _augmented_svd(self, batch: _Batch, group: dict) -> _Decomposed:
         """For a batch of layers: augmented bases and the SVD (P, sigma, Q) of the augmented
