@@ -1,11 +1,31 @@
 """`make reproduce-tables PROFILE=smoke`: every table and figure built from real (tiny) runs."""
 import json
+import os
+import re
+from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_dir
 
 from experiments import reproduce
 from experiments.config import register, validate
+
+GOLDEN = Path(__file__).parent / "golden"
+MEASURED = ("ours", "params in use", "time / run", "budget ")  # headers of columns holding measurements
+
+
+def layout(markdown: str) -> str:
+    """A table file with its measured cells masked: what the study defines (rows, columns, seeds, diverged
+    counts, nan for diverged cells, the run folders listed as sources) stays; numbers become ``#``."""
+    lines, header = markdown.splitlines(), []
+    for i, line in enumerate(lines):
+        cells = line.split(" | ")
+        if i + 1 < len(lines) and lines[i + 1].startswith("|---"):
+            header = cells
+        elif line.startswith("| ") and len(cells) == len(header):
+            lines[i] = " | ".join(re.sub(r"\d[\d,.]*", "#", c) if h.lstrip("| ").startswith(MEASURED) else c
+                                  for c, h in zip(cells, header))
+    return "\n".join(lines) + "\n"
 
 
 def test_smoke_profile_builds_every_table_and_figure_and_skips_finished_runs(tmp_path, capfd):
@@ -28,6 +48,14 @@ def test_smoke_profile_builds_every_table_and_figure_and_skips_finished_runs(tmp
     assert "| adalora | 1000 | 36 | nan | 1 | 1 |" in robustness  # the full table counts the diverged seed
     initial_rank = (tables / "smoke_initial_rank.md").read_text().splitlines()
     assert sum(line.startswith(("| 2 |", "| 8 |")) for line in initial_rank) == 2
+
+    # Same layout as the committed tables (UPDATE_GOLDEN=1 rewrites them after an intended change).
+    for table in sorted(tables.glob("*.md")):
+        golden = GOLDEN / table.name
+        if os.environ.get("UPDATE_GOLDEN") == "1":
+            golden.write_text(layout(table.read_text()))
+        assert layout(table.read_text()) == golden.read_text(), f"{table.name} differs from {golden}"
+    assert sorted(p.name for p in GOLDEN.glob("smoke_*.md")) == sorted(p.name for p in tables.glob("*.md"))
 
     run_dirs = sorted((tmp_path / "runs" / "smoke").glob("*/*/summary.json"))
     assert len(run_dirs) == 6 + 2 + 8
