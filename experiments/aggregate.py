@@ -11,6 +11,8 @@ import statistics
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from omegaconf import OmegaConf
+
 from .records import finished_summary
 
 if TYPE_CHECKING:
@@ -30,7 +32,8 @@ def _value(text: str):
 
 def collect(study: Study, study_dir: Path) -> list[tuple[dict, dict, Path]]:
     """(point, summary, run folder) of every finished or diverged run of a study; the point holds the
-    study's axes as the run's Hydra overrides (``.hydra/overrides.yaml``) set them."""
+    study's axes as the run's Hydra overrides (``.hydra/overrides.yaml``) set them, or else as its
+    resolved config (``config.yaml``) holds them."""
     import yaml
 
     by_key = {key: axis for axis, key in study.axes.items()}
@@ -43,6 +46,10 @@ def collect(study: Study, study_dir: Path) -> list[tuple[dict, dict, Path]]:
             continue
         pairs = (o.split("=", 1) for o in yaml.safe_load(overrides_file.read_text()))
         point = {by_key[key]: _value(value) for key, value in pairs if key in by_key}
+        missing = [axis for axis in study.axes if axis not in point]
+        if missing:  # an axis no override set (a preset's value): the run's resolved config has it
+            config = OmegaConf.load(run_dir / "config.yaml")
+            point.update({axis: OmegaConf.select(config, study.axes[axis]) for axis in missing})
         out.append((point, summary, run_dir))
     return out
 
@@ -63,8 +70,10 @@ def _mean_std(values: list[float]) -> str:
 
 
 def paper_value(paper: dict, study: str, task: str, method: str) -> str:
-    value = paper.get("tables", {}).get(study, {}).get(task, {}).get(method)
-    return "—" if value is None else f"{value}"
+    """The published number of a table cell on our scale (``scale`` turns percent into fractions); "—" if none."""
+    table = paper.get("tables", {}).get(study, {})
+    value = table.get(task, {}).get(method)
+    return "—" if value is None else f"{value * table.get('scale', 1):.4f}"
 
 
 RESULT_COLUMNS = ["ours (mean ± std)", "seeds", "diverged", "params in use", "time / run (s)"]
@@ -109,7 +118,11 @@ def methods_table(study: str, runs: list, out_png: Path, paper: dict) -> tuple[s
         ours, *rest = _results(summaries)
         rows.append([task, method, summaries[0]["main_metric"].removeprefix("eval/"), ours,
                      paper_value(paper, study, task, method), *rest])
-    return _tables(header, rows, text_columns=3)
+    markdown, latex = _tables(header, rows, text_columns=3)
+    label = paper.get("tables", {}).get(study, {}).get("label")
+    if label and any(row[4] != "—" for row in rows):
+        markdown += f"\npaper: {label}; {paper['tables'][study]['where']}.\n"
+    return markdown, latex
 
 
 def _curves(run_dir: Path, key: str) -> tuple[list[int], list[float]]:
@@ -200,7 +213,79 @@ def robustness_figure(study: str, runs: list, out_png: Path, paper: dict) -> tup
     return "\n".join(rows) + "\n\n" + markdown, latex
 
 
-KINDS = {"methods": (methods_table, False), "initial_rank": (initial_rank_figure, True),
+DENOISING = [("heldout_mse", "held-out MSE"), ("instance_mse", "train-view MSE"), ("prior_mse", "class MSE"),
+             ("prior_drift", "prior drift")]
+SUBJECT = {"dino": "DINO", "clip_i": "CLIP-I", "clip_t": "CLIP-T"}
+
+
+def dreambooth_figure(study: str, runs: list, out_png: Path, paper: dict) -> tuple[str, str]:
+    """Per method (and lr): final denoising losses and prior drift (mean ± std over seeds), parameters in use,
+    ranks, adapter size, step time, memory. Figure: each method's sample grid (first seed) above the training
+    loss (moving average, mean over seeds) and the held-out MSE over training."""
+    from matplotlib.image import imread
+
+    from .plots import plt
+
+    subject = [k for k in SUBJECT if any(k in s.get("subject", {}) for _, s, _ in runs)]  # with pretrained DINO/CLIP
+    header = ["method", "lr", *(label for _, label in DENOISING), *(SUBJECT[k] for k in subject), "seeds", "diverged",
+              "params in use", "rank UNet / text", "adapter KiB", "step ms", "peak MiB", "time / run (s)"]
+    rows = []
+    for (method, lr), summaries in _grouped(runs, "method", "lr"):
+        def mean(key: str) -> float:
+            return statistics.mean(s.get(key) or 0 for s in summaries)
+
+        finals = [_mean_std([float("nan") if s.get("diverged") else s["final"].get(f"eval/{k}", float("nan"))
+                             for s in summaries]) for k, _ in DENOISING]
+        finals += [_mean_std([s.get("subject", {}).get(k, float("nan")) for s in summaries]) for k in subject]
+        diverged = sum(bool(s.get("diverged")) for s in summaries)
+        rows.append([method, f"{lr:g}", *finals, str(len(summaries)), str(diverged), f"{mean('trainable_params_final'):,.0f}",
+                     f"{mean('rank_unet'):.0f} / {mean('rank_text_encoder'):.0f}", f"{mean('adapter_bytes') / 1024:.0f}",
+                     f"{1e3 * mean('step_time_median_s'):.0f}", f"{mean('peak_memory_mb'):.0f}",
+                     f"{mean('total_time_s'):.0f}"])
+    groups: dict[tuple, list[Path]] = {}
+    for point, _, run_dir in sorted(runs, key=lambda r: (r[0]["method"], r[0]["lr"], r[0]["seed"])):
+        groups.setdefault((point["method"], point["lr"]), []).append(run_dir)
+    labels = [f"{m} (lr {lr:g})" if len({k[1] for k in groups}) > 1 else m for m, lr in groups]
+    n = len(groups)
+    fig = plt.figure(figsize=(4.5 * max(n, 2), 8))
+    grid = fig.add_gridspec(2, 2 * n)  # samples: two columns each; the two curves: n columns each
+    for i, (label, run_dirs) in enumerate(zip(labels, groups.values())):
+        ax = fig.add_subplot(grid[0, 2 * i:2 * i + 2])
+        samples = run_dirs[0] / "samples.png"
+        if samples.is_file():
+            ax.imshow(imread(samples))
+        ax.set_axis_off()
+        ax.set_title(label)
+    loss_ax, heldout_ax = fig.add_subplot(grid[1, :n]), fig.add_subplot(grid[1, n:])
+    for label, run_dirs in zip(labels, groups.values()):
+        steps, losses = _mean_curve([_curves(d, "train/loss") for d in run_dirs])
+        window = max(1, len(losses) // 10)
+        smooth = [statistics.mean(losses[max(0, i - window + 1):i + 1]) for i in range(len(losses))]
+        loss_ax.plot(steps, smooth, label=label)
+        heldout_ax.plot(*_mean_curve([_curves(d, "eval/heldout_mse") for d in run_dirs]), marker=".", label=label)
+    loss_ax.set(xlabel="step", ylabel="training loss (moving average)", title="training loss")
+    heldout_ax.set(xlabel="step", ylabel="held-out denoising MSE", title="held-out view")
+    loss_ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=110)
+    plt.close(fig)
+    return _tables(header, rows, text_columns=2)
+
+
+def _provenance(summaries: list[dict]) -> str:
+    """The commits and package versions the runs were made with (their summaries' ``provenance``)."""
+    recorded = [s["provenance"] for s in summaries if s.get("provenance")]
+    commits = sorted({f"{(p['commit'] or 'unknown')[:10]}{' (uncommitted changes)' if p.get('dirty') else ''}"
+                      for p in recorded})
+    versions = sorted({", ".join(f"{k} {v}" for k, v in p["versions"].items() if v) for p in recorded})
+    unrecorded = len(summaries) - len(recorded)
+    parts = [f"commit {', '.join(commits)}", *versions] if recorded else []
+    if unrecorded:
+        parts.append(f"{unrecorded} run(s) made before provenance was recorded")
+    return "; ".join(parts)
+
+
+KINDS = {"methods": (methods_table, False), "dreambooth": (dreambooth_figure, True), "initial_rank": (initial_rank_figure, True),
          "robustness": (robustness_figure, True)}
 """Study kind -> (builder(study name, runs, figure path, paper numbers), whether it draws a figure)."""
 
@@ -224,6 +309,7 @@ def aggregate(profile_name: str, studies: list, runs_root: Path, out: Path, pape
         (out / "tables" / f"{stem}.tex").write_text(latex)
         written.append(out / "tables" / f"{stem}.tex")
         (out / "tables" / f"{stem}.md").write_text(f"# {profile_name}: {study.name}\n\n{markdown}\n"
-                                                   f"Built from these run folders:\n{sources}\n")
+                                                   f"Built from these run folders:\n{sources}\n\n"
+                                                   f"Provenance: {_provenance([s for _, s, _ in runs])}\n")
         written.append(out / "tables" / f"{stem}.md")
     return written

@@ -19,6 +19,7 @@ from .errors import UserError
 class Modality(str, Enum):
     text = "text"
     image = "image"
+    text_to_image = "text_to_image"
 
 
 class MethodName(str, Enum):
@@ -40,7 +41,8 @@ class ModelConfig:
     modality: Modality = Modality.text
     pretrained: bool = True  # False: build from `architecture` (random weights, says so in the logs)
     architecture: dict[str, Any] = field(default_factory=dict)  # transformers config kwargs
-    model_type: str = "vit"  # transformers model type used when pretrained is False
+    model_type: str = "vit"  # transformers model type used when pretrained is False; timm: the architecture
+    library: str = "transformers"  # transformers | timm (image classifiers through timm.create_model)
     target_modules: list[str] = field(default_factory=list)
     modules_to_save: list[str] = field(default_factory=lambda: ["classifier"])
 
@@ -69,6 +71,30 @@ class TaskConfig:
     flip: bool = True
     max_train_samples: Optional[int] = None
     max_eval_samples: Optional[int] = None
+    minimize: list[str] = field(default_factory=list)  # metrics where lower is better (the best value is the least)
+    # DreamBooth family (experiments/dreambooth.py): the subject's images come from data_dir, the built-in
+    # sklearn_flower or a hub dataset of images (dataset); the last heldout_images of them are held out.
+    instance_prompt: str = "a photo of sks dog"
+    class_prompt: str = "a photo of dog"
+    heldout_images: int = 1
+    resolution: int = 512
+    prior_loss_weight: float = 1.0  # 0 turns prior preservation off
+    num_class_images: int = 200
+    class_data_dir: Optional[str] = None  # default: generated once into the cache, named by model and prompt
+    eval_timesteps: list[int] = field(default_factory=lambda: [100, 300, 500, 700, 900])
+    eval_noise_draws: int = 4
+    eval_class_images: int = 4
+    sample_prompts: list[str] = field(default_factory=list)
+    sample_seeds: list[int] = field(default_factory=lambda: [0])
+    sample_steps: int = 50
+    guidance_scale: float = 7.5
+    # DINO / CLIP-I / CLIP-T at the end (pretrained checkpoints: hub names or local folders)
+    subject_metrics: bool = False
+    dino_model: str = "facebook/dino-vits16"
+    clip_model: str = "openai/clip-vit-base-patch32"
+    identifier: str = "sks"  # removed from prompts for CLIP-T
+    metric_prompts: list[str] = field(default_factory=list)
+    metric_images_per_prompt: int = 4
 
 
 def _geolora_fields() -> list[tuple[str, Any, Any]]:
@@ -117,6 +143,7 @@ class TrainerConfig:
     weight_decay: float = 0.0
     warmup_steps: int = 0
     warmup_ratio: float = 0.0
+    schedule: str = "linear"  # lr after warmup: linear (decay to 0) | constant
     max_grad_norm: Optional[float] = 1.0
     precision: Precision = Precision.fp32
     eval_every: Optional[int] = None  # steps; None = once per epoch
@@ -146,6 +173,7 @@ class RunConfig:
     run_name: Optional[str] = None
     save_adapter: bool = False
     progress: bool = True
+    verbose: bool = False  # the libraries' load reports, progress bars and deprecation warnings too
     skip_finished: bool = True  # a run folder whose summary says finished/diverged is not run again
 
 
@@ -160,7 +188,8 @@ def register() -> None:
     ConfigStore.instance().store(name="run_schema", node=RunConfig)
 
 
-METRICS = ("accuracy", "accuracy_f1", "matthews", "pearson_spearman")
+SCHEDULES = ("linear", "constant")
+METRICS = ("accuracy", "accuracy_f1", "matthews", "pearson_spearman", "denoising")
 
 
 def _check(ok: bool, message: str) -> None:
@@ -177,6 +206,7 @@ def validate(cfg: Any) -> None:
            f"model {cfg.model.name!r} is a {cfg.model.modality.value} model but task {t.name!r} is "
            f"{t.modality.value}; pick a matching model= / task= pair")
     _check(bool(cfg.model.target_modules), "model.target_modules is empty: name the Linear layers to adapt")
+    _check(cfg.model.library in ("transformers", "timm"), f"model.library must be transformers or timm, got {cfg.model.library!r}")
     if m.name == MethodName.geolora:
         from .methods import geolora_config
 
@@ -191,6 +221,7 @@ def validate(cfg: Any) -> None:
     _check(tr.lr > 0, f"trainer.lr must be > 0, got {tr.lr}")
     _check(tr.epochs > 0 or (tr.max_steps or 0) > 0, "trainer.epochs (or trainer.max_steps) must be > 0")
     _check(tr.batch_size >= 1, f"trainer.batch_size must be >= 1, got {tr.batch_size}")
+    _check(tr.schedule in SCHEDULES, f"trainer.schedule must be one of {SCHEDULES}, got {tr.schedule!r}")
     _check(0.0 <= tr.warmup_ratio < 1.0, f"trainer.warmup_ratio must lie in [0, 1), got {tr.warmup_ratio}")
     _check(cfg.logger.name in ("wandb", "none"), f"logger.name must be wandb or none, got {cfg.logger.name!r}")
     _check(cfg.logger.mode in ("offline", "online", "disabled"),

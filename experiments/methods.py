@@ -26,6 +26,8 @@ class Adapted:
     ranks: Callable[[], dict[str, int]]
     trainable: Callable[[], int]
     save: Callable[[Path], None]  # writes the adapter (and the trained modules) into a folder
+    # LoRA factors (A, B) at scale 1 of the adapters inside a submodule, by name relative to it (diffusers export)
+    lora_factors: Callable[[nn.Module], dict[str, tuple[torch.Tensor, torch.Tensor]]] = lambda module: {}
     after_step: Callable[[int], None] = lambda step: None
     adapts_ranks: bool = False  # ranks change during training (a rank plot is worth drawing)
     settings: dict = field(default_factory=dict)  # effective method settings, for the summary
@@ -57,7 +59,26 @@ def use_geolora(model: nn.Module, model_cfg, method, trainer, total_steps: int) 
                                          moment_transport=method.moment_transport)
     return Adapted(model, optimizer, ranks=lambda: geolora.ranks(model),
                    trainable=lambda: geolora.count_trainable(model), save=lambda path: geolora.save_adapter(model, path),
-                   adapts_ranks=True, settings=config.to_dict())
+                   lora_factors=geolora.io.lora_factors, adapts_ranks=True, settings=config.to_dict())
+
+
+@torch.no_grad()
+def peft_lora_factors(module: nn.Module) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """peft LoRA and AdaLoRA layers inside ``module`` as (A, B) with their scaling folded into B. AdaLoRA's
+    ``B diag(E) A`` keeps the rows of A whose E is nonzero (its pruned ones are zero)."""
+    factors = {}
+    for name, layer in module.named_modules():
+        if not getattr(layer, "lora_A", None) or "default" not in layer.lora_A:
+            continue
+        if hasattr(layer, "lora_E"):  # AdaLoRA: Parameters, scale lora_alpha / ranknum
+            keep = layer.lora_E["default"][:, 0] != 0
+            a = (layer.lora_A["default"] * layer.lora_E["default"])[keep]
+            b = layer.lora_B["default"][:, keep] * layer.scaling["default"] / (layer.ranknum["default"] + 1e-5)
+        else:
+            a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight * layer.scaling["default"]
+        if len(a):
+            factors[name] = (a.detach().contiguous(), b.detach().contiguous())
+    return factors
 
 
 def use_lora(model: nn.Module, model_cfg, method, trainer, total_steps: int) -> Adapted:
@@ -70,7 +91,7 @@ def use_lora(model: nn.Module, model_cfg, method, trainer, total_steps: int) -> 
     names = [n for n, m in model.base_model.model.named_modules() if hasattr(m, "lora_A") and m.lora_A]
     return Adapted(model, _adamw(model, trainer), ranks=lambda: {n: method.r for n in names},
                    trainable=lambda: sum(p.numel() for p in _trainable_params(model)), save=_save_peft(model),
-                   settings={"r": method.r, "lora_alpha": method.alpha, "lora_dropout": method.dropout})
+                   lora_factors=peft_lora_factors, settings={"r": method.r, "lora_alpha": method.alpha, "lora_dropout": method.dropout})
 
 
 def adalora_schedule(tinit: int, tfinal: int, total_steps: int) -> tuple[int, int]:
@@ -136,7 +157,7 @@ def use_adalora(model: nn.Module, model_cfg, method, trainer, total_steps: int) 
     settings = {"init_r": method.init_rank, "target_r": target_r, "tinit": tinit, "tfinal": tfinal,
                 "deltaT": method.delta_t, "total_step": total_steps, "orth_reg_weight": method.orth_reg_weight}
     return Adapted(model, _adamw(model, trainer), ranks=ranks, trainable=trainable, save=_save_peft(model),
-                   after_step=after_step, adapts_ranks=True, settings=settings)
+                   lora_factors=peft_lora_factors, after_step=after_step, adapts_ranks=True, settings=settings)
 
 
 METHODS = {"geolora": use_geolora, "lora": use_lora, "adalora": use_adalora}

@@ -43,3 +43,25 @@ def _short(name: str) -> str:
     for prefix in ("base_model.model.", "deberta.encoder.", "vit.encoder.", "bert.encoder.", "encoder."):
         name = name.replace(prefix, "")
     return name
+
+
+def sample_grid(rows: dict[str, np.ndarray], prompts: list[str], out_png: str | Path) -> Path:
+    """Images side by side: one row per (label, seed), one column per prompt (arrays seeds x prompts x H x W x 3)."""
+    labelled = [(f"{label}, seed {i}" if len(images) > 1 else label, row)
+                for label, images in rows.items() for i, row in enumerate(images)]
+    fig, axes = plt.subplots(len(labelled), len(prompts), figsize=(2.2 * len(prompts), 2.3 * len(labelled)),
+                             squeeze=False)
+    for r, (label, row) in enumerate(labelled):
+        for c, image in enumerate(row):
+            ax = axes[r, c]
+            ax.imshow(np.clip(image, 0, 1))
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if r == 0:
+                ax.set_title(prompts[c], fontsize=7)
+            if c == 0:
+                ax.set_ylabel(label, fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=120)
+    plt.close(fig)
+    return Path(out_png)

@@ -83,3 +83,53 @@ class RunRecords:
                 self.wandb.summary.update({k: v for k, v in summary.items() if isinstance(v, (int, float, str))})
             self.wandb.finish()
             self.wandb = None
+
+
+TEXT_SUFFIXES = (".yaml", ".yml", ".json", ".jsonl", ".log", ".md", ".csv", ".txt")
+
+
+def scrub_paths(folder: str | Path, root: str | Path) -> int:
+    """Make committed run folders machine-independent: the absolute path of ``root`` (the repository) becomes
+    ``.`` in every text file, and Hydra's ``.hydra/config.yaml`` / ``hydra.yaml`` copies (the run's own
+    ``config.yaml`` and ``.hydra/overrides.yaml`` stay) are removed. Returns the number of files changed."""
+    root, changed = str(Path(root).resolve()), 0
+    for path in sorted(Path(folder).rglob("*")):
+        if path.parent.name == ".hydra" and path.name in ("config.yaml", "hydra.yaml"):
+            path.unlink()
+            changed += 1
+        elif path.is_file() and path.suffix in TEXT_SUFFIXES:
+            text = path.read_text(encoding="utf-8", errors="surrogateescape")
+            if root in text:
+                path.write_text(text.replace(root + "/", "./").replace(root, "."), encoding="utf-8",
+                                errors="surrogateescape")
+                changed += 1
+    return changed
+
+
+def provenance(device) -> dict:
+    """What produced a run: the git commit (and whether the tree had uncommitted changes), package
+    versions and the device (GPU name on CUDA)."""
+    import subprocess
+    from importlib import metadata
+
+    import torch
+
+    root = Path(__file__).resolve().parents[1]
+
+    def git(*args: str) -> str | None:
+        try:
+            out = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=10)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return out.stdout.strip() if out.returncode == 0 else None
+
+    versions = {}
+    for package in ("torch", "transformers", "peft", "diffusers", "geolora"):
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            versions[package] = None
+    status = git("status", "--porcelain", "--untracked-files=no")
+    name = torch.cuda.get_device_name(device) if getattr(device, "type", "") == "cuda" else str(device)
+    return {"commit": git("rev-parse", "HEAD"), "dirty": None if status is None else bool(status),
+            "versions": versions, "device": name}

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .aggregate import aggregate
+from .records import scrub_paths
 
 log = logging.getLogger(__name__)
 ROOT = Path(__file__).resolve().parents[1]
@@ -68,6 +69,44 @@ def profile(name: str) -> list[Study]:
 
 # ---------------------------------------------------------------- running
 
+def _values(value: str) -> list[str] | None:
+    """The values a sweep override runs over (``a,b`` -> [a, b]; commas inside brackets do not split);
+    None for Hydra's other sweep syntax (``range(...)``, ``glob(...)``), which is not predicted."""
+    if value.startswith(("range(", "choice(", "interval(", "glob(", "sort(", "shuffle(")):
+        return None
+    parts, depth, current = [], 0, ""
+    for char in value:
+        if char in "[({":
+            depth += 1
+        elif char in "])}":
+            depth -= 1
+        if char == "," and depth == 0:
+            parts.append(current)
+            current = ""
+        else:
+            current += char
+    return parts + [current]
+
+
+def _all_finished(study: Study, sweep: list[str], study_dir: Path) -> bool:
+    """Whether every run of ``sweep`` already has a finished run folder (matched on the study's axes the
+    sweep sets), so the sweep need not start: a started sweep rewrites the ``.hydra/`` files of the
+    finished runs it skips."""
+    from itertools import product
+
+    from .aggregate import _value, collect
+
+    axes = {key: axis for axis, key in study.axes.items()}
+    swept = {}
+    for key, value in (o.split("=", 1) for o in sweep):
+        if key in axes:
+            values = _values(value)
+            if values is None:
+                return False
+            swept[axes[key]] = [_value(v) for v in values]
+    done = {tuple(point.get(axis) for axis in swept) for point, _, _ in collect(study, study_dir)}
+    return not set(product(*swept.values())) - done
+
 def run_studies(profile_name: str, studies: list[Study], runs_root: Path, hydra_args: list[str],
                 dry_run: bool = False) -> list[str]:
     """Launch every sweep of every study (finished runs are skipped by run.py); returns the failed sweeps.
@@ -78,6 +117,9 @@ def run_studies(profile_name: str, studies: list[Study], runs_root: Path, hydra_
             command = _sweep_command(study, sweep, runs_root / profile_name / study.name, hydra_args)
             if dry_run:
                 print(shlex.join(command))
+                continue
+            if _all_finished(study, sweep, runs_root / profile_name / study.name):
+                log.info("sweep %s: every run finished (%s)", study.name, " ".join(sweep))
                 continue
             log.info("sweep %s: %s", study.name, " ".join(sweep))
             if subprocess.run(command, cwd=ROOT).returncode != 0:
@@ -103,6 +145,8 @@ def main(argv: list[str] | None = None) -> None:
     failed = [] if args.aggregate_only else run_studies(args.profile, studies, runs_root, args.hydra, args.dry_run)
     if args.dry_run:
         return
+    if runs_root.resolve().is_relative_to(ROOT):  # committed results: no absolute paths of this machine
+        scrub_paths(runs_root / args.profile, ROOT)
     paper = json.loads((ROOT / "results" / "paper_numbers.json").read_text())
     for path in aggregate(args.profile, studies, runs_root, out, paper):
         print(path)

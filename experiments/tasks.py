@@ -1,6 +1,7 @@
 """Task families: what a run trains (the model and its data), the loss of a batch (the objective) and
-the metrics (the evaluator). The training loop knows only this interface; classification of text and of
-images is one family, and a new family (DreamBooth, say) is one more builder in ``FAMILIES``."""
+the metrics (the evaluator). The training loop knows only this interface (``train_loader``, ``loss``,
+``start``, ``evaluate``, ``finish``); classification of text and of images is one family, DreamBooth
+(experiments/dreambooth.py) another, and a new family is one more builder in ``FAMILIES``."""
 from __future__ import annotations
 
 import contextlib
@@ -37,6 +38,13 @@ class Classification:
 
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return model(**batch).loss
+
+    def start(self, model: nn.Module, device: torch.device, precision: str) -> None:
+        """Before training (the adapted model still computes the base model): nothing to record."""
+
+    def finish(self, adapted, run_dir, records) -> dict:
+        """After training: no outputs beyond the loop's; no summary entries."""
+        return {}
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, device: torch.device, precision: str, progress: bool) -> dict[str, float]:
@@ -80,7 +88,14 @@ def classification(cfg) -> tuple[nn.Module, Classification]:
     return load_model(cfg.model, task), Classification(task, train, evals)
 
 
-FAMILIES: dict[str, Callable[[Any], tuple[nn.Module, Any]]] = {"classification": classification}
+def dreambooth(cfg) -> tuple[nn.Module, Any]:
+    from .dreambooth import dreambooth as build_dreambooth  # diffusers loads only for this family
+
+    return build_dreambooth(cfg)
+
+
+FAMILIES: dict[str, Callable[[Any], tuple[nn.Module, Any]]] = {"classification": classification,
+                                                              "dreambooth": dreambooth}
 
 
 def build(cfg) -> tuple[nn.Module, Any]:

@@ -20,11 +20,12 @@ from tqdm.auto import tqdm
 
 from . import tasks
 from .config import validate
+from .console import quiet_libraries
 from .errors import UserError
 from .methods import Adapted, adapt
 from .models import pick_device
 from .plots import rank_heatmap
-from .records import RunRecords
+from .records import RunRecords, provenance
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +63,7 @@ class Run:
 
 def setup(cfg, run_dir: str | Path) -> Run:
     validate(cfg)
+    quiet_libraries(cfg.verbose)
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
@@ -81,10 +83,14 @@ def setup(cfg, run_dir: str | Path) -> Run:
     except ValueError as err:  # the library's and peft's checks of the adapter settings
         raise UserError(f"method {cfg.method.name.value}: {err}") from err
     adapted.model = adapted.model.to(device)
+    family.start(adapted.model, device, trainer.precision.value)
     warmup = trainer.warmup_steps or int(trainer.warmup_ratio * total_steps)
-    from transformers import get_linear_schedule_with_warmup
+    from transformers import get_constant_schedule_with_warmup, get_linear_schedule_with_warmup
 
-    scheduler = get_linear_schedule_with_warmup(adapted.optimizer, warmup, total_steps)
+    if trainer.schedule == "constant":
+        scheduler = get_constant_schedule_with_warmup(adapted.optimizer, warmup)
+    else:
+        scheduler = get_linear_schedule_with_warmup(adapted.optimizer, warmup, total_steps)
     scaler = torch.amp.GradScaler(device.type, enabled=trainer.precision.value == "fp16")
     name = cfg.run_name or f"{cfg.method.name.value}-{cfg.task.name}-s{cfg.seed}"
     records = RunRecords(run_dir, cfg.logger if cfg.logger.name == "wandb" else None,
@@ -123,7 +129,8 @@ def evaluate(run: Run) -> None:
     run.records.log(state.step, record)
     state.history.append(record)
     for key, value in metrics.items():
-        if not math.isnan(value) and value > state.best.get(key, -math.inf):
+        sign = -1 if key in run.cfg.task.minimize else 1  # compare sign * value: larger is better
+        if not math.isnan(value) and sign * value > sign * state.best.get(key, -sign * math.inf):
             state.best[key] = value
     log.info("step %d: %s", state.step, {k: round(v, 4) for k, v in metrics.items()})
 
@@ -187,13 +194,14 @@ def summary(run: Run) -> dict:
         "step_time_median_s": statistics.median(state.step_times) if state.step_times else None,
         "epoch_time_s": state.epoch_times, "total_time_s": time.perf_counter() - state.start,
         "peak_memory_mb": _peak_memory_mb(run.device), "device": str(run.device),
-        "method_settings": adapted.settings,
+        "method_settings": adapted.settings, "provenance": provenance(run.device),
     }
 
 
 def finish(run: Run) -> dict:
-    """Summary, rank plot and (``save_adapter``) the adapter; closes the records."""
+    """Summary, the family's outputs, rank plot and (``save_adapter``) the adapter; closes the records."""
     result = summary(run)
+    result.update(run.family.finish(run.adapted, run.run_dir, run.records))
     if run.adapted.adapts_ranks:
         png = rank_heatmap(run.run_dir / "ranks.csv", run.run_dir / "ranks.png", f"{run.state.name}: rank per layer")
         run.records.log_image("ranks", png)
@@ -223,7 +231,11 @@ def train(cfg, run_dir: str | Path) -> dict:
 
 
 def _flat_summary(summary: dict) -> dict:
-    flat = {k: v for k, v in summary.items() if not isinstance(v, (dict, list))}
-    flat.update({f"final/{k}": v for k, v in summary["final"].items()})
-    flat.update({f"best/{k}": v for k, v in summary["best"].items()})
+    """The summary for W&B: scalars as they are, dicts of scalars (final, best, subject, ...) as ``key/name``."""
+    flat = {}
+    for key, value in summary.items():
+        if isinstance(value, dict):
+            flat.update({f"{key}/{k}": v for k, v in value.items() if isinstance(v, (int, float, str))})
+        elif not isinstance(value, list):
+            flat[key] = value
     return flat

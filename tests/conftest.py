@@ -1,11 +1,20 @@
 """Tiny models and problems shared by the tests. Nothing here touches a network."""
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from torch import nn
 
 import geolora
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _model_cache(tmp_path_factory):
+    """Models built from configs (the tiny Stable Diffusion) and generated class images go to a folder of
+    this session, never to the user's cache."""
+    os.environ["GEOLORA_CACHE"] = str(tmp_path_factory.mktemp("geolora-cache"))
 
 
 def least_squares(n: int = 32, rank: int = 4, samples: int = 512, seed: int = 1):

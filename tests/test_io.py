@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import geolora
+from geolora.model import config_of
 
 from conftest import deberta_config, tiny_deberta, train_steps
 
@@ -156,3 +157,43 @@ def test_grad_scaler_unscales_and_skips_steps_with_inf(batch):
     assert geolora.ranks(model) == ranks
     for n, p in model.named_parameters():
         assert torch.equal(p, state[n])
+
+
+def _peft_lora(base, tmp_path):
+    """A peft LoRA model with nonzero factors (one layer at its own rank and alpha), saved to a folder."""
+    from peft import LoraConfig, get_peft_model
+
+    from conftest import DEBERTA_TARGETS
+
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=DEBERTA_TARGETS, modules_to_save=["classifier"],
+                        rank_pattern={"layer.0.attention.self.query_proj": 2},
+                        alpha_pattern={"layer.0.attention.self.query_proj": 3})
+    peft_model = get_peft_model(base, config)
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name or "modules_to_save" in name:
+                param.copy_(0.1 * torch.randn(param.shape, generator=g))
+    peft_model.save_pretrained(tmp_path / "lora")
+    return peft_model.eval()
+
+
+def test_from_peft_computes_what_the_peft_model_computes(batch, tmp_path):
+    peft_model = _peft_lora(tiny_deberta(), tmp_path)
+    model = geolora.from_peft(tiny_deberta(), tmp_path / "lora", tau=0.1).eval()
+    ranks = geolora.ranks(model)
+    assert ranks["deberta.encoder.layer.0.attention.self.query_proj"] == 2 and max(ranks.values()) == 4
+    assert config_of(model).tau == 0.1 and config_of(model).max_rank == 8
+    with torch.no_grad():
+        assert (model(**batch).logits - peft_model(**batch).logits).abs().max() <= 1e-5
+
+
+def test_from_peft_round_trips_export_peft(batch, tmp_path):
+    model, _, pristine = _trained(batch)
+    geolora.export_peft(model, tmp_path / "peft")
+    again = geolora.from_peft(pristine, tmp_path / "peft")
+    assert geolora.ranks(again) == geolora.ranks(model)
+    with torch.no_grad():
+        assert (again.eval()(**batch).logits - model.eval()(**batch).logits).abs().max() <= 1e-5
+    with pytest.raises(ValueError, match="not a peft adapter folder"):
+        geolora.from_peft(tiny_deberta(), tmp_path)

