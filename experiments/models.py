@@ -1,4 +1,5 @@
 """Models of the experiments: pretrained from the hub or a local folder, or built from a config."""
+
 from __future__ import annotations
 
 import json
@@ -34,25 +35,83 @@ def _from_pretrained(loader, name_or_path: str, **kwargs):
 
 
 def _hub_message(name: str) -> str:
-    return (f"could not fetch model {name!r}: the Hugging Face hub is unreachable (or HF_HUB_OFFLINE=1); "
-            f"copy it to this machine and set model.name_or_path=/path/to/local/copy")
+    return (
+        f"could not fetch model {name!r}: the Hugging Face hub is unreachable (or HF_HUB_OFFLINE=1); "
+        f"copy it to this machine and set model.name_or_path=/path/to/local/copy"
+    )
+
+
+class TimmClassifier(nn.Module):
+    """A timm image model behind the transformers interface the loop uses: ``model(pixel_values, labels)``
+    returns ``.loss`` (cross-entropy, or MSE for one output) and ``.logits``."""
+
+    def __init__(self, backbone: nn.Module) -> None:
+        super().__init__()
+        self.backbone = backbone
+
+    def forward(self, pixel_values: torch.Tensor, labels: torch.Tensor | None = None):
+        from transformers.modeling_outputs import ImageClassifierOutput
+
+        logits = self.backbone(pixel_values)
+        loss = None
+        if labels is not None:
+            loss = (
+                nn.functional.mse_loss(logits.squeeze(-1), labels.float())
+                if logits.shape[-1] == 1
+                else nn.functional.cross_entropy(logits, labels)
+            )
+        return ImageClassifierOutput(loss=loss, logits=logits)
+
+
+def load_timm(model_cfg, task_cfg) -> nn.Module:
+    """``timm.create_model(model.model_type)`` with a new head of ``task.num_labels`` outputs: pretrained from
+    the hub (``model.name_or_path`` = the timm name) or from a local weights file, random when not pretrained."""
+    try:
+        import timm
+    except (ImportError, OSError, RuntimeError) as err:  # absent, or a torchvision that does not load
+        raise UserError(
+            "model.library=timm needs timm (it imports torchvision, a CUDA build on PyPI): "
+            "pip install -e .[timm] in a GPU install, or use model=vit"
+        ) from err
+    kwargs = {"num_classes": task_cfg.num_labels}
+    if model_cfg.pretrained:
+        local = Path(model_cfg.name_or_path).expanduser()
+        if local.is_file():
+            kwargs["pretrained_cfg_overlay"] = {"file": str(local)}
+        elif os.environ.get("HF_HUB_OFFLINE") == "1":
+            raise UserError(
+                _hub_message(model_cfg.name_or_path).replace("/path/to/local/copy", "/path/to/weights.safetensors")
+            )
+    try:
+        backbone = timm.create_model(model_cfg.model_type, pretrained=model_cfg.pretrained, **kwargs)
+    except (OSError, RuntimeError) as err:
+        raise UserError(
+            f"timm could not load {model_cfg.model_type!r} from {model_cfg.name_or_path!r}: {err}"
+        ) from err
+    return TimmClassifier(backbone)
 
 
 def load_model(model_cfg, task_cfg) -> nn.Module:
     """A sequence or image classifier with ``task.num_labels`` outputs (1 = regression)."""
-    from transformers import (AutoConfig, AutoModelForImageClassification,
-                              AutoModelForSequenceClassification, CONFIG_MAPPING)
+    if model_cfg.library == "timm":
+        return load_timm(model_cfg, task_cfg)
+    from transformers import (
+        CONFIG_MAPPING,
+        AutoConfig,
+        AutoModelForImageClassification,
+        AutoModelForSequenceClassification,
+    )
 
     image = model_cfg.modality.value == "image"
     auto = AutoModelForImageClassification if image else AutoModelForSequenceClassification
     problem = "regression" if task_cfg.num_labels == 1 else "single_label_classification"
     if not model_cfg.pretrained:
-        config = CONFIG_MAPPING[model_cfg.model_type](**dict(model_cfg.architecture), num_labels=task_cfg.num_labels,
-                                                       problem_type=problem)
+        config = CONFIG_MAPPING[model_cfg.model_type](
+            **dict(model_cfg.architecture), num_labels=task_cfg.num_labels, problem_type=problem
+        )
         log.warning("model %s is built from a config with RANDOM weights (not pretrained)", model_cfg.name)
         return auto.from_config(config)
-    config = _from_pretrained(AutoConfig, model_cfg.name_or_path, num_labels=task_cfg.num_labels,
-                              problem_type=problem)
+    config = _from_pretrained(AutoConfig, model_cfg.name_or_path, num_labels=task_cfg.num_labels, problem_type=problem)
     return _from_pretrained(auto, model_cfg.name_or_path, config=config, ignore_mismatched_sizes=True)
 
 

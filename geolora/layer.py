@@ -10,11 +10,15 @@ The backward pass stores in ``U.grad`` and ``V.grad`` the K- and L-gradients the
 Keeping them in ``.grad`` lets gradient clipping, ``GradScaler`` and data-parallel all-reduce treat
 them like any other gradient. ``S.grad`` is the ordinary ``dL/dS = U^T grad_W V``.
 """
+
 from __future__ import annotations
+
+import weakref
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from .config import GeoLoRAConfig
 from .linalg import random_orthonormal
@@ -28,13 +32,14 @@ class _LowRankProduct(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, U: torch.Tensor, S: torch.Tensor, V: torch.Tensor, rank: int,
-                alpha: float) -> torch.Tensor:
+    def forward(
+        ctx, x: torch.Tensor, U: torch.Tensor, S: torch.Tensor, V: torch.Tensor, rank: int, alpha: float
+    ) -> torch.Tensor:
         u, s, v = U[:, :rank], S[:rank, :rank], V[:, :rank]
         xv = x @ v
         ctx.save_for_backward(x, U, S, V, xv)
         ctx.rank, ctx.alpha = rank, alpha
-        return ((xv @ (alpha * s).T) @ u.T)
+        return (xv @ (alpha * s).T) @ u.T
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
@@ -58,6 +63,32 @@ class _LowRankProduct(torch.autograd.Function):
         grad_u = F.pad(grad_k, padding) if ctx.needs_input_grad[1] else None
         grad_v = F.pad((x2.T @ gu).to(V.dtype), padding) if ctx.needs_input_grad[3] else None
         return grad_x, grad_u, grad_s, grad_v, None, None
+
+
+class BasisParameter(nn.Parameter):
+    """U or V of a GeoLoRA layer: an orthonormal basis whose ``.grad`` is a K- or L-gradient. The type survives
+    ``deepcopy``, ``.to()`` and ``load_state_dict``, so other optimizers can be refused wherever the model goes."""
+
+
+def _refuse_other_optimizers(optimizer: torch.optim.Optimizer, args, kwargs) -> None:
+    """Global optimizer step pre-hook: U.grad and V.grad hold the K- and L-gradients, not dL/dU and dL/dV,
+    so any optimizer but GeoLoRAOptimizer would silently train something else. Checked once per optimizer."""
+    verdict = _checked.get(optimizer)
+    if verdict is None:
+        from .optimizer import GeoLoRAOptimizer
+
+        factors = any(isinstance(p, BasisParameter) for g in optimizer.param_groups for p in g["params"])
+        verdict = _checked[optimizer] = not factors or isinstance(optimizer, GeoLoRAOptimizer)
+    if not verdict:
+        raise RuntimeError(
+            f"{type(optimizer).__name__} holds GeoLoRA factors U / V, whose .grad are the integrator's "
+            "K- and L-gradients, not dL/dU: step them with geolora.GeoLoRAOptimizer(model, ...) (with "
+            "transformers.Trainer: optimizers=(GeoLoRAOptimizer(model, lr=...), None))"
+        )
+
+
+_checked: "weakref.WeakKeyDictionary[torch.optim.Optimizer, bool]" = weakref.WeakKeyDictionary()
+register_optimizer_step_pre_hook(_refuse_other_optimizers)
 
 
 class GeoLoRALinear(nn.Module):
@@ -87,9 +118,9 @@ class GeoLoRALinear(nn.Module):
         v = torch.zeros(in_features, self.max_rank, device=device, dtype=dtype)
         u[:, : self.rank] = random_orthonormal(out_features, self.rank, device=device, dtype=dtype)
         v[:, : self.rank] = random_orthonormal(in_features, self.rank, device=device, dtype=dtype)
-        self.U = nn.Parameter(u)
+        self.U = BasisParameter(u)
         self.S = nn.Parameter(torch.zeros(self.max_rank, self.max_rank, device=device, dtype=dtype))
-        self.V = nn.Parameter(v)
+        self.V = BasisParameter(v)
 
     # Factors in use at the current rank.
     @property
@@ -152,8 +183,8 @@ class GeoLoRALinear(nn.Module):
         self.rank, merged = (int(x) for x in state.tolist())
         self.merged = bool(merged)
         with torch.no_grad():
-            self.U[:, self.rank:] = 0
-            self.V[:, self.rank:] = 0
+            self.U[:, self.rank :] = 0
+            self.V[:, self.rank :] = 0
 
     def extra_repr(self) -> str:
         return f"rank={self.rank}, max_rank={self.max_rank}, tau={self.tau}, alpha={self.alpha}"

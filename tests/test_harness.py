@@ -1,4 +1,5 @@
 """The experiment harness end to end on tiny local models and data (no network)."""
+
 from __future__ import annotations
 
 import csv
@@ -10,6 +11,8 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+import torch
+from harness_fixtures import tiny_deberta_dir, write_text_task
 from hydra import compose, initialize_config_dir
 from torch import nn
 
@@ -17,8 +20,6 @@ from experiments.config import register
 from experiments.errors import UserError
 from experiments.methods import adalora_target_rank
 from experiments.train import train
-
-from harness_fixtures import tiny_deberta_dir, write_text_task
 
 ROOT = Path(__file__).resolve().parents[1]
 RTE_LABELS = ["entailment", "not_entailment"]
@@ -32,14 +33,14 @@ def deberta_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def rte_dir(tmp_path_factory):
-    return write_text_task(tmp_path_factory.mktemp("rte"), ["sentence1", "sentence2"], 2, RTE_LABELS,
-                           ["train", "validation"])
+    return write_text_task(
+        tmp_path_factory.mktemp("rte"), ["sentence1", "sentence2"], 2, RTE_LABELS, ["train", "validation"]
+    )
 
 
 @pytest.fixture(scope="module")
 def stsb_dir(tmp_path_factory):
-    return write_text_task(tmp_path_factory.mktemp("stsb"), ["sentence1", "sentence2"], 1, [],
-                           ["train", "validation"])
+    return write_text_task(tmp_path_factory.mktemp("stsb"), ["sentence1", "sentence2"], 1, [], ["train", "validation"])
 
 
 def compose_run(*overrides: str):
@@ -48,10 +49,21 @@ def compose_run(*overrides: str):
 
 
 def smoke(model_dir, data_dir, task="glue/rte", method="geolora", *extra):
-    return compose_run("model=deberta", f"model.name_or_path={model_dir}", f"task={task}",
-                       f"task.data_dir={data_dir}", f"method={method}", "trainer.max_steps=6",
-                       "trainer.batch_size=8", "trainer.eval_every=3", "trainer.log_every=2",
-                       "trainer.precision=fp32", "logger=none", "progress=false", *extra)
+    return compose_run(
+        "model=deberta",
+        f"model.name_or_path={model_dir}",
+        f"task={task}",
+        f"task.data_dir={data_dir}",
+        f"method={method}",
+        "trainer.max_steps=6",
+        "trainer.batch_size=8",
+        "trainer.eval_every=3",
+        "trainer.log_every=2",
+        "trainer.precision=fp32",
+        "logger=none",
+        "progress=false",
+        *extra,
+    )
 
 
 def read_ranks(run_dir: Path) -> dict[int, dict[str, int]]:
@@ -75,11 +87,37 @@ def test_each_method_trains_and_writes_the_run_files(method, deberta_dir, rte_di
     assert any("train/loss" in r for r in records) and sum("eval/accuracy" in r for r in records) == 2
     ranks = read_ranks(tmp_path)
     assert len(ranks[6]) == 12  # 2 layers x (q, k, v, attention.output, intermediate, output)
+    provenance = summary["provenance"]
+    assert len(provenance["commit"]) == 40 and isinstance(provenance["dirty"], bool)
+    assert provenance["versions"]["torch"] == torch.__version__ and provenance["device"] == "cpu"
+
+
+def test_committed_run_folders_are_scrubbed_of_this_machines_paths(tmp_path):
+    from experiments.records import scrub_paths
+
+    run = tmp_path / "runs" / "r"
+    (run / ".hydra").mkdir(parents=True)
+    (run / ".hydra" / "overrides.yaml").write_text("- seed=0\n")
+    (run / ".hydra" / "hydra.yaml").write_text(f"cwd: {tmp_path}\n")
+    (run / "run.log").write_text(f"run folder {run}\n")
+    assert scrub_paths(tmp_path / "runs", tmp_path) == 2
+    assert (run / "run.log").read_text() == "run folder ./runs/r\n"
+    assert sorted(p.name for p in (run / ".hydra").iterdir()) == ["overrides.yaml"]
 
 
 def test_adalora_really_reallocates_ranks(deberta_dir, rte_dir, tmp_path):
-    cfg = smoke(deberta_dir, rte_dir, "glue/rte", "adalora", "method.init_rank=6", "method.target_r=2",
-                "method.tinit=1", "method.tfinal=2", "method.delta_t=1", "trainer.max_steps=10")
+    cfg = smoke(
+        deberta_dir,
+        rte_dir,
+        "glue/rte",
+        "adalora",
+        "method.init_rank=6",
+        "method.target_r=2",
+        "method.tinit=1",
+        "method.tfinal=2",
+        "method.delta_t=1",
+        "trainer.max_steps=10",
+    )
     train(cfg, tmp_path)
     ranks = read_ranks(tmp_path)
     assert set(ranks[0].values()) == {6}
@@ -87,8 +125,12 @@ def test_adalora_really_reallocates_ranks(deberta_dir, rte_dir, tmp_path):
 
 
 def test_adalora_rank_budget_means_total_rank_over_layers():
-    model = nn.ModuleDict({"a": nn.ModuleDict({"query": nn.Linear(4, 4), "value": nn.Linear(4, 4)}),
-                           "b": nn.ModuleDict({"query": nn.Linear(4, 4), "other": nn.Linear(4, 4)})})
+    model = nn.ModuleDict(
+        {
+            "a": nn.ModuleDict({"query": nn.Linear(4, 4), "value": nn.Linear(4, 4)}),
+            "b": nn.ModuleDict({"query": nn.Linear(4, 4), "other": nn.Linear(4, 4)}),
+        }
+    )
     model_cfg = SimpleNamespace(target_modules=["query", "value"])
     method = SimpleNamespace(rank_budget=12, target_r=8)
     assert adalora_target_rank(model, model_cfg, method) == 4  # 12 over the 3 matching layers
@@ -144,17 +186,21 @@ def test_bad_range_fails_before_loading(tmp_path):
 def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline"}
     env.pop("HYDRA_FULL_ERROR", None)  # the one-line reports are what is under test
-    return subprocess.run([sys.executable, str(ROOT / "run.py"), *args], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=600)
+    return subprocess.run(
+        [sys.executable, str(ROOT / "run.py"), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600
+    )
 
 
-@pytest.mark.parametrize("override,message", [
-    ("trainer.foo=1", "Key 'foo' not in 'TrainerConfig'"),
-    ("trainer.precision=fp8", "Invalid value 'fp8'"),
-    ("method=nope", "Could not find 'method/nope'"),
-    ("method.tau=2.0", "method settings: tau must lie in [0, 1)"),
-    ("model=deberta", "set model.name_or_path=/path/to/local/copy"),
-])
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("trainer.foo=1", "Key 'foo' not in 'TrainerConfig'"),
+        ("trainer.precision=fp8", "Invalid value 'fp8'"),
+        ("method=nope", "Could not find 'method/nope'"),
+        ("method.tau=2.0", "method settings: tau must lie in [0, 1)"),
+        ("model=deberta", "set model.name_or_path=/path/to/local/copy"),
+    ],
+)
 def test_bad_command_line_gives_one_line_error(override, message, tmp_path):
     result = _cli(override, "logger=none", cwd=tmp_path)
     assert result.returncode == 2
@@ -165,9 +211,19 @@ def test_bad_command_line_gives_one_line_error(override, message, tmp_path):
 
 
 def test_multirun_sweep_lands_in_separate_run_folders(deberta_dir, rte_dir, tmp_path):
-    sweep = ["-m", "model=deberta", f"model.name_or_path={deberta_dir}", "task=glue/rte", f"task.data_dir={rte_dir}",
-             "method=geolora,lora", "trainer.max_steps=2", "trainer.batch_size=8", "logger=wandb", "progress=false",
-             f"hydra.sweep.dir={tmp_path / 'sweep'}"]
+    sweep = [
+        "-m",
+        "model=deberta",
+        f"model.name_or_path={deberta_dir}",
+        "task=glue/rte",
+        f"task.data_dir={rte_dir}",
+        "method=geolora,lora",
+        "trainer.max_steps=2",
+        "trainer.batch_size=8",
+        "logger=wandb",
+        "progress=false",
+        f"hydra.sweep.dir={tmp_path / 'sweep'}",
+    ]
     result = _cli(*sweep, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
     summaries = sorted((tmp_path / "sweep").glob("*/summary.json"))
@@ -179,3 +235,39 @@ def test_multirun_sweep_lands_in_separate_run_folders(deberta_dir, rte_dir, tmp_
     again = _cli(*sweep, cwd=tmp_path)  # the same sweep into the same folder
     assert again.returncode == 0 and (again.stdout + again.stderr).count("(done;") == 2
     assert [p.stat().st_mtime_ns for p in summaries] == stamps  # finished runs are skipped, not redone
+
+
+def test_timm_backbone_without_timm_is_one_line(monkeypatch, tmp_path):
+    from experiments.models import load_model
+
+    monkeypatch.setitem(sys.modules, "timm", None)  # import timm raises ImportError, as where it is absent
+    cfg = _compose_timm(tmp_path)
+    with pytest.raises(UserError, match=r"pip install -e \.\[timm\]"):
+        load_model(cfg.model, cfg.task)
+
+
+def test_timm_backbone_trains_where_timm_imports(tmp_path):
+    pytest.importorskip("timm")
+    cfg = _compose_timm(tmp_path, "model.pretrained=false", "model.model_type=vit_tiny_patch16_224")
+    summary = train(cfg, tmp_path / "run")
+    assert summary["status"] == "finished" and summary["ranks_final"]
+    assert all(".attn.qkv" in n or ".attn.proj" in n or ".mlp.fc" in n for n in summary["ranks_final"])
+
+
+def _compose_timm(tmp_path, *extra):
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        return compose(
+            "config",
+            overrides=[
+                "model=vit_timm",
+                "task=digits",
+                "task.image_size=224",
+                "trainer.max_steps=2",
+                "trainer.batch_size=4",
+                "logger=none",
+                "progress=false",
+                "task.max_train_samples=8",
+                "task.max_eval_samples=8",
+                *extra,
+            ],
+        )
