@@ -5,7 +5,7 @@ export WANDB_MODE ?= offline
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install test test-all demo bench reproduce-tables clean
+.PHONY: install test test-all lint format demo bench reproduce-tables clean
 
 install:
 	python3 -m venv $(VENV)
@@ -20,6 +20,15 @@ test:
 
 test-all:
 	$(PY) -m pytest -q -m "slow or not slow"
+
+# ruff (configured in pyproject.toml): lint and formatting check; `make format` applies both.
+lint:
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+format:
+	$(PY) -m ruff check --fix .
+	$(PY) -m ruff format .
 
 demo:
 	$(PY) run.py

@@ -1,9 +1,10 @@
 """Run one experiment (or a sweep with -m): model x task x method, composed by Hydra from conf/.
 
-    python run.py                                            # offline default (MiniLM-L6, movie reviews)
-    python run.py model=deberta task=glue/rte method=geolora
-    python run.py -m method=geolora,lora,adalora task=glue/rte,glue/mrpc seed=0,1,2
+python run.py                                            # offline default (MiniLM-L6, movie reviews)
+python run.py model=deberta task=glue/rte method=geolora
+python run.py -m method=geolora,lora,adalora task=glue/rte,glue/mrpc seed=0,1,2
 """
+
 from __future__ import annotations
 
 import logging

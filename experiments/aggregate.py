@@ -1,5 +1,6 @@
 """Tables and figures of ``make reproduce-tables``, rebuilt from run folders alone (never from numbers
 typed by hand): one builder per study kind (``KINDS``), each returning Markdown and LaTeX."""
+
 from __future__ import annotations
 
 import itertools
@@ -81,10 +82,13 @@ RESULT_COLUMNS = ["ours (mean ± std)", "seeds", "diverged", "params in use", "t
 
 def _results(summaries: list[dict]) -> list[str]:
     """The RESULT_COLUMNS cells of a group of runs (one per seed): final metric, counts, means."""
-    return [_mean_std([final_metric(s) for s in summaries]), str(len(summaries)),
-            str(sum(bool(s.get("diverged")) for s in summaries)),
-            f"{statistics.mean(s['trainable_params_final'] for s in summaries):,.0f}",
-            f"{statistics.mean(s['total_time_s'] for s in summaries):.0f}"]
+    return [
+        _mean_std([final_metric(s) for s in summaries]),
+        str(len(summaries)),
+        str(sum(bool(s.get("diverged")) for s in summaries)),
+        f"{statistics.mean(s['trainable_params_final'] for s in summaries):,.0f}",
+        f"{statistics.mean(s['total_time_s'] for s in summaries):.0f}",
+    ]
 
 
 def _grouped(runs: list, *axes: str) -> list[tuple[tuple, list[dict]]]:
@@ -97,12 +101,24 @@ def _grouped(runs: list, *axes: str) -> list[tuple[tuple, list[dict]]]:
 
 def _tables(header: list[str], rows: list[list[str]], text_columns: int) -> tuple[str, str]:
     """The same table as Markdown and as a LaTeX tabular (booktabs)."""
-    markdown = "\n".join(["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-                         + ["| " + " | ".join(r) + " |" for r in rows]) + "\n"
-    latex = ("\\begin{tabular}{" + "l" * text_columns + "r" * (len(header) - text_columns) + "}\n\\toprule\n"
-             + "".join(" & ".join(_latex(c) for c in r) + " \\\\\n" + ("\\midrule\n" if r is header else "")
-                       for r in [header, *rows])
-             + "\\bottomrule\n\\end{tabular}\n")
+    markdown = (
+        "\n".join(
+            ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+            + ["| " + " | ".join(r) + " |" for r in rows]
+        )
+        + "\n"
+    )
+    latex = (
+        "\\begin{tabular}{"
+        + "l" * text_columns
+        + "r" * (len(header) - text_columns)
+        + "}\n\\toprule\n"
+        + "".join(
+            " & ".join(_latex(c) for c in r) + " \\\\\n" + ("\\midrule\n" if r is header else "")
+            for r in [header, *rows]
+        )
+        + "\\bottomrule\n\\end{tabular}\n"
+    )
     return markdown, latex
 
 
@@ -116,8 +132,16 @@ def methods_table(study: str, runs: list, out_png: Path, paper: dict) -> tuple[s
     rows = []
     for (task, method), summaries in _grouped(runs, "task", "method"):
         ours, *rest = _results(summaries)
-        rows.append([task, method, summaries[0]["main_metric"].removeprefix("eval/"), ours,
-                     paper_value(paper, study, task, method), *rest])
+        rows.append(
+            [
+                task,
+                method,
+                summaries[0]["main_metric"].removeprefix("eval/"),
+                ours,
+                paper_value(paper, study, task, method),
+                *rest,
+            ]
+        )
     markdown, latex = _tables(header, rows, text_columns=3)
     label = paper.get("tables", {}).get(study, {}).get("label")
     if label and any(row[4] != "—" for row in rows):
@@ -179,8 +203,10 @@ def robustness_figure(study: str, runs: list, out_png: Path, paper: dict) -> tup
     cells: dict[tuple, list] = {}
     for point, summary, _ in runs:
         cells.setdefault((point["method"], point["lr"], point["budget"]), []).append(final_metric(summary))
-    rows = ["| method | lr | " + " | ".join(f"budget {b}" for b in budgets) + " |",
-            "|---|---|" + "---|" * len(budgets)]
+    rows = [
+        "| method | lr | " + " | ".join(f"budget {b}" for b in budgets) + " |",
+        "|---|---|" + "---|" * len(budgets),
+    ]
     grids = {}
     for method in methods:
         grid = grids[method] = np.full((len(lrs), len(budgets)), np.nan)
@@ -189,8 +215,9 @@ def robustness_figure(study: str, runs: list, out_png: Path, paper: dict) -> tup
                 values = cells.get((method, lr, budget), [])
                 if values and not any(math.isnan(v) for v in values):
                     grid[i, j] = statistics.mean(values)
-            rows.append(f"| {method} | {lr:g} | " + " | ".join("nan" if math.isnan(v) else f"{v:.4f}"
-                                                               for v in grid[i]) + " |")
+            rows.append(
+                f"| {method} | {lr:g} | " + " | ".join("nan" if math.isnan(v) else f"{v:.4f}" for v in grid[i]) + " |"
+            )
     finite = [v for grid in grids.values() for v in grid.flat if not math.isnan(v)]
     low = min(finite, default=0.0)  # one colour scale for every panel, so cells compare across methods
     cmap = plt.get_cmap("viridis").with_extremes(bad="lightgray")  # diverged cells
@@ -200,21 +227,41 @@ def robustness_figure(study: str, runs: list, out_png: Path, paper: dict) -> tup
         ax.imshow(grid, vmin=low, vmax=max(finite, default=1.0), cmap=cmap)
         for i, j in itertools.product(range(len(lrs)), range(len(budgets))):
             diverged = np.isnan(grid[i, j])
-            ax.text(j, i, "nan" if diverged else f"{grid[i, j]:.3f}", ha="center", va="center",
-                    color="black" if diverged else "white", fontsize=8)
-        ax.set(xticks=range(len(budgets)), xticklabels=budgets, yticks=range(len(lrs)),
-               yticklabels=[f"{lr:g}" for lr in lrs], xlabel="rank budget", ylabel="learning rate", title=method)
+            ax.text(
+                j,
+                i,
+                "nan" if diverged else f"{grid[i, j]:.3f}",
+                ha="center",
+                va="center",
+                color="black" if diverged else "white",
+                fontsize=8,
+            )
+        ax.set(
+            xticks=range(len(budgets)),
+            xticklabels=budgets,
+            yticks=range(len(lrs)),
+            yticklabels=[f"{lr:g}" for lr in lrs],
+            xlabel="rank budget",
+            ylabel="learning rate",
+            title=method,
+        )
     fig.tight_layout()
     fig.savefig(out_png, dpi=120)
     plt.close(fig)
-    detail = [[method, f"{lr:g}", str(budget), *_results(summaries)]
-              for (method, lr, budget), summaries in _grouped(runs, "method", "lr", "budget")]
+    detail = [
+        [method, f"{lr:g}", str(budget), *_results(summaries)]
+        for (method, lr, budget), summaries in _grouped(runs, "method", "lr", "budget")
+    ]
     markdown, latex = _tables(["method", "lr", "rank budget", *RESULT_COLUMNS], detail, text_columns=3)
     return "\n".join(rows) + "\n\n" + markdown, latex
 
 
-DENOISING = [("heldout_mse", "held-out MSE"), ("instance_mse", "train-view MSE"), ("prior_mse", "class MSE"),
-             ("prior_drift", "prior drift")]
+DENOISING = [
+    ("heldout_mse", "held-out MSE"),
+    ("instance_mse", "train-view MSE"),
+    ("prior_mse", "class MSE"),
+    ("prior_drift", "prior drift"),
+]
 SUBJECT = {"dino": "DINO", "clip_i": "CLIP-I", "clip_t": "CLIP-T"}
 
 
@@ -227,21 +274,49 @@ def dreambooth_figure(study: str, runs: list, out_png: Path, paper: dict) -> tup
     from .plots import plt
 
     subject = [k for k in SUBJECT if any(k in s.get("subject", {}) for _, s, _ in runs)]  # with pretrained DINO/CLIP
-    header = ["method", "lr", *(label for _, label in DENOISING), *(SUBJECT[k] for k in subject), "seeds", "diverged",
-              "params in use", "rank UNet / text", "adapter KiB", "step ms", "peak MiB", "time / run (s)"]
+    header = [
+        "method",
+        "lr",
+        *(label for _, label in DENOISING),
+        *(SUBJECT[k] for k in subject),
+        "seeds",
+        "diverged",
+        "params in use",
+        "rank UNet / text",
+        "adapter KiB",
+        "step ms",
+        "peak MiB",
+        "time / run (s)",
+    ]
     rows = []
     for (method, lr), summaries in _grouped(runs, "method", "lr"):
+
         def mean(key: str) -> float:
             return statistics.mean(s.get(key) or 0 for s in summaries)
 
-        finals = [_mean_std([float("nan") if s.get("diverged") else s["final"].get(f"eval/{k}", float("nan"))
-                             for s in summaries]) for k, _ in DENOISING]
+        finals = [
+            _mean_std(
+                [float("nan") if s.get("diverged") else s["final"].get(f"eval/{k}", float("nan")) for s in summaries]
+            )
+            for k, _ in DENOISING
+        ]
         finals += [_mean_std([s.get("subject", {}).get(k, float("nan")) for s in summaries]) for k in subject]
         diverged = sum(bool(s.get("diverged")) for s in summaries)
-        rows.append([method, f"{lr:g}", *finals, str(len(summaries)), str(diverged), f"{mean('trainable_params_final'):,.0f}",
-                     f"{mean('rank_unet'):.0f} / {mean('rank_text_encoder'):.0f}", f"{mean('adapter_bytes') / 1024:.0f}",
-                     f"{1e3 * mean('step_time_median_s'):.0f}", f"{mean('peak_memory_mb'):.0f}",
-                     f"{mean('total_time_s'):.0f}"])
+        rows.append(
+            [
+                method,
+                f"{lr:g}",
+                *finals,
+                str(len(summaries)),
+                str(diverged),
+                f"{mean('trainable_params_final'):,.0f}",
+                f"{mean('rank_unet'):.0f} / {mean('rank_text_encoder'):.0f}",
+                f"{mean('adapter_bytes') / 1024:.0f}",
+                f"{1e3 * mean('step_time_median_s'):.0f}",
+                f"{mean('peak_memory_mb'):.0f}",
+                f"{mean('total_time_s'):.0f}",
+            ]
+        )
     groups: dict[tuple, list[Path]] = {}
     for point, _, run_dir in sorted(runs, key=lambda r: (r[0]["method"], r[0]["lr"], r[0]["seed"])):
         groups.setdefault((point["method"], point["lr"]), []).append(run_dir)
@@ -250,7 +325,7 @@ def dreambooth_figure(study: str, runs: list, out_png: Path, paper: dict) -> tup
     fig = plt.figure(figsize=(4.5 * max(n, 2), 8))
     grid = fig.add_gridspec(2, 2 * n)  # samples: two columns each; the two curves: n columns each
     for i, (label, run_dirs) in enumerate(zip(labels, groups.values())):
-        ax = fig.add_subplot(grid[0, 2 * i:2 * i + 2])
+        ax = fig.add_subplot(grid[0, 2 * i : 2 * i + 2])
         samples = run_dirs[0] / "samples.png"
         if samples.is_file():
             ax.imshow(imread(samples))
@@ -260,7 +335,7 @@ def dreambooth_figure(study: str, runs: list, out_png: Path, paper: dict) -> tup
     for label, run_dirs in zip(labels, groups.values()):
         steps, losses = _mean_curve([_curves(d, "train/loss") for d in run_dirs])
         window = max(1, len(losses) // 10)
-        smooth = [statistics.mean(losses[max(0, i - window + 1):i + 1]) for i in range(len(losses))]
+        smooth = [statistics.mean(losses[max(0, i - window + 1) : i + 1]) for i in range(len(losses))]
         loss_ax.plot(steps, smooth, label=label)
         heldout_ax.plot(*_mean_curve([_curves(d, "eval/heldout_mse") for d in run_dirs]), marker=".", label=label)
     loss_ax.set(xlabel="step", ylabel="training loss (moving average)", title="training loss")
@@ -275,8 +350,9 @@ def dreambooth_figure(study: str, runs: list, out_png: Path, paper: dict) -> tup
 def _provenance(summaries: list[dict]) -> str:
     """The commits and package versions the runs were made with (their summaries' ``provenance``)."""
     recorded = [s["provenance"] for s in summaries if s.get("provenance")]
-    commits = sorted({f"{(p['commit'] or 'unknown')[:10]}{' (uncommitted changes)' if p.get('dirty') else ''}"
-                      for p in recorded})
+    commits = sorted(
+        {f"{(p['commit'] or 'unknown')[:10]}{' (uncommitted changes)' if p.get('dirty') else ''}" for p in recorded}
+    )
     versions = sorted({", ".join(f"{k} {v}" for k, v in p["versions"].items() if v) for p in recorded})
     unrecorded = len(summaries) - len(recorded)
     parts = [f"commit {', '.join(commits)}", *versions] if recorded else []
@@ -285,8 +361,12 @@ def _provenance(summaries: list[dict]) -> str:
     return "; ".join(parts)
 
 
-KINDS = {"methods": (methods_table, False), "dreambooth": (dreambooth_figure, True), "initial_rank": (initial_rank_figure, True),
-         "robustness": (robustness_figure, True)}
+KINDS = {
+    "methods": (methods_table, False),
+    "dreambooth": (dreambooth_figure, True),
+    "initial_rank": (initial_rank_figure, True),
+    "robustness": (robustness_figure, True),
+}
 """Study kind -> (builder(study name, runs, figure path, paper numbers), whether it draws a figure)."""
 
 
@@ -308,8 +388,10 @@ def aggregate(profile_name: str, studies: list, runs_root: Path, out: Path, pape
             written.append(out / "figures" / f"{stem}.png")
         (out / "tables" / f"{stem}.tex").write_text(latex)
         written.append(out / "tables" / f"{stem}.tex")
-        (out / "tables" / f"{stem}.md").write_text(f"# {profile_name}: {study.name}\n\n{markdown}\n"
-                                                   f"Built from these run folders:\n{sources}\n\n"
-                                                   f"Provenance: {_provenance([s for _, s, _ in runs])}\n")
+        (out / "tables" / f"{stem}.md").write_text(
+            f"# {profile_name}: {study.name}\n\n{markdown}\n"
+            f"Built from these run folders:\n{sources}\n\n"
+            f"Provenance: {_provenance([s for _, s, _ in runs])}\n"
+        )
         written.append(out / "tables" / f"{stem}.md")
     return written

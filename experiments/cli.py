@@ -4,6 +4,7 @@ Hydra prints composition errors (unknown key, bad value, missing config) over se
 reports them, and our own UserErrors, as one ``error: ...`` line that keeps the hint. Bugs keep their
 traceback, and HYDRA_FULL_ERROR=1 shows everything, as in plain Hydra.
 """
+
 from __future__ import annotations
 
 import os
@@ -16,8 +17,14 @@ from omegaconf.errors import OmegaConfBaseException
 
 from .errors import UserError
 
-_NOISE = ("full_key:", "reference_type=", "object_type=", "Config search path", "provider=",
-          "Set the environment variable HYDRA_FULL_ERROR")
+_NOISE = (
+    "full_key:",
+    "reference_type=",
+    "object_type=",
+    "Config search path",
+    "provider=",
+    "Set the environment variable HYDRA_FULL_ERROR",
+)
 
 
 def condense(error: BaseException) -> str:

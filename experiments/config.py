@@ -1,5 +1,6 @@
 """Typed configs of a run. Hydra merges the YAML in conf/ onto these, so an unknown key or a value
 of the wrong type fails at composition, before anything loads; ``validate`` checks the ranges."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -118,19 +119,22 @@ GEOLORA_FIELDS = tuple(name for name, _, _ in _geolora_fields())
 # The method config: GeoLoRA's fields and defaults (rank_budget also sets AdaLoRA's target_r = budget /
 # layers; alpha is LoRA's and AdaLoRA's lora_alpha, dropout their lora_dropout), then the optimizer's moment
 # transport, then LoRA's r and AdaLoRA's settings (its init_r is init_rank).
-MethodConfig = dataclasses.make_dataclass("MethodConfig", [
-    ("name", MethodName, field(default=MethodName.geolora)),
-    *_geolora_fields(),
-    ("moment_transport", str, field(default="rotate")),
-    ("r", int, field(default=8)),
-    ("target_r", int, field(default=8)),
-    ("tinit", int, field(default=200)),
-    ("tfinal", int, field(default=1000)),
-    ("delta_t", int, field(default=10)),
-    ("beta1", float, field(default=0.85)),
-    ("beta2", float, field(default=0.85)),
-    ("orth_reg_weight", float, field(default=0.1)),
-])
+MethodConfig = dataclasses.make_dataclass(
+    "MethodConfig",
+    [
+        ("name", MethodName, field(default=MethodName.geolora)),
+        *_geolora_fields(),
+        ("moment_transport", str, field(default="rotate")),
+        ("r", int, field(default=8)),
+        ("target_r", int, field(default=8)),
+        ("tinit", int, field(default=200)),
+        ("tfinal", int, field(default=1000)),
+        ("delta_t", int, field(default=10)),
+        ("beta1", float, field(default=0.85)),
+        ("beta2", float, field(default=0.85)),
+        ("orth_reg_weight", float, field(default=0.1)),
+    ],
+)
 
 
 @dataclass
@@ -202,11 +206,16 @@ def validate(cfg: Any) -> None:
     m, t, tr = cfg.method, cfg.task, cfg.trainer
     _check(t.metric in METRICS, f"task.metric={t.metric!r} is not one of {METRICS}")
     _check(t.num_labels >= 1, f"task.num_labels must be >= 1 (1 = regression), got {t.num_labels}")
-    _check(t.modality == cfg.model.modality,
-           f"model {cfg.model.name!r} is a {cfg.model.modality.value} model but task {t.name!r} is "
-           f"{t.modality.value}; pick a matching model= / task= pair")
+    _check(
+        t.modality == cfg.model.modality,
+        f"model {cfg.model.name!r} is a {cfg.model.modality.value} model but task {t.name!r} is "
+        f"{t.modality.value}; pick a matching model= / task= pair",
+    )
     _check(bool(cfg.model.target_modules), "model.target_modules is empty: name the Linear layers to adapt")
-    _check(cfg.model.library in ("transformers", "timm"), f"model.library must be transformers or timm, got {cfg.model.library!r}")
+    _check(
+        cfg.model.library in ("transformers", "timm"),
+        f"model.library must be transformers or timm, got {cfg.model.library!r}",
+    )
     if m.name == MethodName.geolora:
         from .methods import geolora_config
 
@@ -216,13 +225,17 @@ def validate(cfg: Any) -> None:
             raise UserError(f"method settings: {err}") from None
     _check(m.moment_transport in MOMENT_TRANSPORTS, f"method.moment_transport must be one of {MOMENT_TRANSPORTS}")
     _check(m.r >= 1 and m.target_r >= 1, "method.r and method.target_r must be >= 1")
-    _check(m.rank_budget is None or m.name != MethodName.lora,
-           "method.rank_budget is for geolora and adalora; LoRA's rank is fixed: set method.r")
+    _check(
+        m.rank_budget is None or m.name != MethodName.lora,
+        "method.rank_budget is for geolora and adalora; LoRA's rank is fixed: set method.r",
+    )
     _check(tr.lr > 0, f"trainer.lr must be > 0, got {tr.lr}")
     _check(tr.epochs > 0 or (tr.max_steps or 0) > 0, "trainer.epochs (or trainer.max_steps) must be > 0")
     _check(tr.batch_size >= 1, f"trainer.batch_size must be >= 1, got {tr.batch_size}")
     _check(tr.schedule in SCHEDULES, f"trainer.schedule must be one of {SCHEDULES}, got {tr.schedule!r}")
     _check(0.0 <= tr.warmup_ratio < 1.0, f"trainer.warmup_ratio must lie in [0, 1), got {tr.warmup_ratio}")
     _check(cfg.logger.name in ("wandb", "none"), f"logger.name must be wandb or none, got {cfg.logger.name!r}")
-    _check(cfg.logger.mode in ("offline", "online", "disabled"),
-           f"logger.mode must be offline, online or disabled, got {cfg.logger.mode!r}")
+    _check(
+        cfg.logger.mode in ("offline", "online", "disabled"),
+        f"logger.mode must be offline, online or disabled, got {cfg.logger.mode!r}",
+    )

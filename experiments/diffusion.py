@@ -5,6 +5,7 @@ Every model, real or tiny, is read by the same ``from_pretrained(folder, subfold
 one (RANDOM weights, not Stable Diffusion) is built once from ``model.architecture`` with a fixed seed and
 saved as a pipeline folder in the cache, with the real CLIP BPE vocabulary (PyPI ``open_clip_torch``).
 """
+
 from __future__ import annotations
 
 import gzip
@@ -43,18 +44,26 @@ def clip_tokenizer(max_length: int = 77):
     if not path.is_file():
         raise UserError(f"CLIP vocabulary {path} not found; `make install` brings it (PyPI open_clip_torch)")
     lines = gzip.open(path, "rt", encoding="utf-8").read().split("\n")
-    merges = [tuple(line.split()) for line in lines[1:49152 - 256 - 2 + 1]]
+    merges = [tuple(line.split()) for line in lines[1 : 49152 - 256 - 2 + 1]]
     byte_chars = _bytes_to_unicode()
     tokens = byte_chars + [c + "</w>" for c in byte_chars] + ["".join(m) for m in merges]
     tokens += ["<|startoftext|>", "<|endoftext|>"]
-    return CLIPTokenizer(vocab={t: i for i, t in enumerate(tokens)}, merges=merges, model_max_length=max_length,
-                         bos_token="<|startoftext|>", eos_token="<|endoftext|>", pad_token="<|endoftext|>",
-                         unk_token="<|endoftext|>")
+    return CLIPTokenizer(
+        vocab={t: i for i, t in enumerate(tokens)},
+        merges=merges,
+        model_max_length=max_length,
+        bos_token="<|startoftext|>",
+        eos_token="<|endoftext|>",
+        pad_token="<|endoftext|>",
+        unk_token="<|endoftext|>",
+    )
 
 
 def _bytes_to_unicode() -> list[str]:
     """GPT-2's byte-to-character table, in CLIP's order."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    bs = (
+        list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    )
     extra = [b for b in range(256) if b not in bs]
     return [chr(b) for b in bs] + [chr(256 + i) for i in range(len(extra))]
 
@@ -72,19 +81,32 @@ def build_tiny_pipeline(architecture: dict, folder: Path, calibration: torch.Ten
 
     torch.manual_seed(architecture.get("seed", 0))
     tokenizer = clip_tokenizer()
-    text_encoder = CLIPTextModel(CLIPTextConfig(vocab_size=len(tokenizer), max_position_embeddings=77,
-                                                bos_token_id=tokenizer.bos_token_id,
-                                                eos_token_id=tokenizer.eos_token_id,
-                                                pad_token_id=tokenizer.pad_token_id, **architecture["text_encoder"]))
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(tokenizer),
+            max_position_embeddings=77,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+            **architecture["text_encoder"],
+        )
+    )
     unet = UNet2DConditionModel(**architecture["unet"])
     vae = AutoencoderKL(**architecture["vae"])
     with torch.no_grad():
         std = vae.encode(calibration).latent_dist.mean.std().item()
     vae.register_to_config(scaling_factor=1.0 / std)
     scheduler = DDPMScheduler(**architecture["scheduler"])
-    pipeline = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-                                       scheduler=scheduler, safety_checker=None, feature_extractor=None,
-                                       requires_safety_checker=False)
+    pipeline = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
     partial = folder.with_name(folder.name + ".partial")
     pipeline.save_pretrained(str(partial))
     partial.rename(folder)  # a pipeline folder appears whole or not at all
@@ -120,11 +142,20 @@ def load_components(name_or_path: str) -> Components:
 
     local = Path(name_or_path).expanduser()
     if local.exists() and not (local / "model_index.json").is_file():
-        raise UserError(f"model.name_or_path={name_or_path} has no model_index.json: point it at a Stable "
-                        "Diffusion pipeline folder (unet/, text_encoder/, tokenizer/, vae/, scheduler/)")
-    parts = {key: _from_pretrained(loader, name_or_path, subfolder=key) for key, loader in
-             (("unet", UNet2DConditionModel), ("text_encoder", CLIPTextModel), ("tokenizer", CLIPTokenizer),
-              ("vae", AutoencoderKL), ("scheduler", DDPMScheduler))}
+        raise UserError(
+            f"model.name_or_path={name_or_path} has no model_index.json: point it at a Stable "
+            "Diffusion pipeline folder (unet/, text_encoder/, tokenizer/, vae/, scheduler/)"
+        )
+    parts = {
+        key: _from_pretrained(loader, name_or_path, subfolder=key)
+        for key, loader in (
+            ("unet", UNet2DConditionModel),
+            ("text_encoder", CLIPTextModel),
+            ("tokenizer", CLIPTokenizer),
+            ("vae", AutoencoderKL),
+            ("scheduler", DDPMScheduler),
+        )
+    }
     return Components(**parts)
 
 
@@ -146,8 +177,14 @@ class DenoisingModel(nn.Module):
         super().__init__()
         self.unet, self.text_encoder, self.scheduler = unet, text_encoder, scheduler
 
-    def forward(self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor,
-                input_ids: torch.Tensor, weights: torch.Tensor) -> DenoisingOutput:
+    def forward(
+        self,
+        latents: torch.Tensor,
+        noise: torch.Tensor,
+        timesteps: torch.Tensor,
+        input_ids: torch.Tensor,
+        weights: torch.Tensor,
+    ) -> DenoisingOutput:
         noisy = self.scheduler.add_noise(latents, noise, timesteps)
         states = self.text_encoder(input_ids)[0]
         prediction = self.unet(noisy, timesteps, encoder_hidden_states=states).sample

@@ -7,13 +7,13 @@ and on class images, and the prior drift ``mean (eps_adapted - eps_base)^2`` on 
 a fixed grid of noise draws x timesteps. At the end: a sample grid (base vs adapted) and the adapter in
 diffusers' LoRA format.
 """
+
 from __future__ import annotations
 
 import hashlib
 import json
 import logging
 import math
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,79 +24,17 @@ from torch import nn
 from geolora.io import write_diffusers_lora
 
 from .diffusion import Components, DenoisingModel, cache_dir, denoising_model, load_components, pipeline_folder
+from .dreambooth_images import instance_images, to_pixels
 from .errors import UserError
 from .models import pick_device
 
 log = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
-# Views of scikit-learn's flower.jpg (a dahlia, 640 x 427): square crops (centre x, centre y, side) and flips.
-FLOWER_VIEWS = [(310, 215, 300, False), (300, 220, 360, True), (330, 210, 400, False), (285, 230, 330, True),
-                (320, 205, 420, False), (305, 225, 250, True)]  # the last one is held out (the tightest crop)
-
-
-def flower_views() -> list:
-    """The offline subject: six deterministic views of one real photo (scikit-learn's flower.jpg)."""
-    from PIL import Image, ImageOps
-    from sklearn.datasets import load_sample_image
-
-    photo = Image.fromarray(load_sample_image("flower.jpg"))
-    views = []
-    for cx, cy, side, flip in FLOWER_VIEWS:
-        left = min(max(cx - side // 2, 0), photo.width - side)
-        top = min(max(cy - side // 2, 0), photo.height - side)
-        view = photo.crop((left, top, left + side, top + side))
-        views.append(ImageOps.mirror(view) if flip else view)
-    return views
-
-
-def _folder_images(folder: Path) -> list:
-    from PIL import Image
-
-    paths = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-    if not paths:
-        raise UserError(f"{folder} holds no images ({', '.join(IMAGE_SUFFIXES)}); point task.data_dir at the subject's photos")
-    return [Image.open(p).convert("RGB") for p in paths]
-
-
-def instance_images(task) -> list:
-    """The subject's photos: a local folder (``task.data_dir``), the built-in offline flower, or a hub dataset
-    of images (``diffusers/dog-example``), sorted by file name."""
-    if task.data_dir:
-        folder = Path(task.data_dir).expanduser()
-        if not folder.is_dir():
-            raise UserError(f"task.data_dir={task.data_dir} does not exist; point it at a folder of the subject's photos")
-        return _folder_images(folder)
-    if task.dataset == "sklearn_flower":
-        return flower_views()
-    if os.environ.get("HF_HUB_OFFLINE") == "1":
-        raise UserError(f"could not fetch dataset {task.dataset!r}: the Hugging Face hub is unreachable (or "
-                        "HF_HUB_OFFLINE=1); copy its images to this machine and set task.data_dir=/path/to/images")
-    from huggingface_hub import snapshot_download
-
-    try:
-        return _folder_images(Path(snapshot_download(task.dataset, repo_type="dataset")))
-    except OSError as err:
-        raise UserError(f"could not fetch dataset {task.dataset!r} ({err}); set task.data_dir=/path/to/images") from err
-
-
-def to_pixels(images: list, resolution: int) -> torch.Tensor:
-    """N x 3 x res x res in [-1, 1]: shorter side resized to ``resolution``, centre crop (as diffusers' script)."""
-    from PIL import Image
-
-    out = []
-    for image in images:
-        scale = resolution / min(image.size)
-        image = image.convert("RGB").resize((max(resolution, round(image.width * scale)),
-                                             max(resolution, round(image.height * scale))), Image.BICUBIC)
-        left, top = (image.width - resolution) // 2, (image.height - resolution) // 2
-        array = np.asarray(image.crop((left, top, left + resolution, top + resolution)), dtype=np.float32)
-        out.append(torch.from_numpy(array).permute(2, 0, 1) / 127.5 - 1)
-    return torch.stack(out)
-
 
 @torch.no_grad()
-def encode(vae: nn.Module, pixels: torch.Tensor, device: torch.device, batch: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+def encode(
+    vae: nn.Module, pixels: torch.Tensor, device: torch.device, batch: int = 8
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean and std of the VAE's latent distribution per image (cached once: the VAE is frozen)."""
     means, stds = [], []
     for chunk in pixels.split(batch):
@@ -110,9 +48,16 @@ def pipeline(parts: Components, unet: nn.Module, text_encoder: nn.Module):
     """A DDIM sampling pipeline around (possibly adapted) ``unet`` and ``text_encoder``."""
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
-    pipe = StableDiffusionPipeline(vae=parts.vae, text_encoder=text_encoder, tokenizer=parts.tokenizer, unet=unet,
-                                   scheduler=DDIMScheduler.from_config(parts.scheduler.config), safety_checker=None,
-                                   feature_extractor=None, requires_safety_checker=False)
+    pipe = StableDiffusionPipeline(
+        vae=parts.vae,
+        text_encoder=text_encoder,
+        tokenizer=parts.tokenizer,
+        unet=unet,
+        scheduler=DDIMScheduler.from_config(parts.scheduler.config),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -123,9 +68,17 @@ def sample(pipe, prompts: list[str], seeds: list[int], task, device: torch.devic
     rows = []
     for seed in seeds:
         generators = [torch.Generator(device).manual_seed(seed) for _ in prompts]
-        rows.append(pipe(prompts, height=task.resolution, width=task.resolution, generator=generators,
-                         num_inference_steps=task.sample_steps, guidance_scale=task.guidance_scale,
-                         output_type="np").images)
+        rows.append(
+            pipe(
+                prompts,
+                height=task.resolution,
+                width=task.resolution,
+                generator=generators,
+                num_inference_steps=task.sample_steps,
+                guidance_scale=task.guidance_scale,
+                output_type="np",
+            ).images
+        )
     return np.stack(rows)
 
 
@@ -135,12 +88,17 @@ def class_images(task, model_path: str, parts: Components, device: torch.device)
     from PIL import Image
 
     key = json.dumps([model_path, task.class_prompt, task.resolution, task.sample_steps, task.guidance_scale])
-    folder = Path(task.class_data_dir).expanduser() if task.class_data_dir else \
-        cache_dir() / "class_images" / hashlib.sha256(key.encode()).hexdigest()[:12]
+    folder = (
+        Path(task.class_data_dir).expanduser()
+        if task.class_data_dir
+        else cache_dir() / "class_images" / hashlib.sha256(key.encode()).hexdigest()[:12]
+    )
     folder.mkdir(parents=True, exist_ok=True)
     have = sorted(folder.glob("*.png"))
     if len(have) < task.num_class_images:
-        log.info("generating %d class images for %r into %s", task.num_class_images - len(have), task.class_prompt, folder)
+        log.info(
+            "generating %d class images for %r into %s", task.num_class_images - len(have), task.class_prompt, folder
+        )
         pipe = pipeline(parts, parts.unet, parts.text_encoder).to(device)
         for index in range(len(have), task.num_class_images):
             image = sample(pipe, [task.class_prompt], [index], task, device)[0, 0]
@@ -148,15 +106,24 @@ def class_images(task, model_path: str, parts: Components, device: torch.device)
             Image.fromarray((image * 255).round().astype(np.uint8)).save(partial, format="PNG")
             partial.rename(folder / f"{index:04d}.png")
         have = sorted(folder.glob("*.png"))
-    return [Image.open(p).convert("RGB") for p in have[:task.num_class_images]]
+    return [Image.open(p).convert("RGB") for p in have[: task.num_class_images]]
 
 
 class DenoisingBatches:
     """Training batches: instance latents drawn from their VAE distributions, noise and timesteps, prompt ids and
     loss weights, then (prior preservation) as many class examples. Seeded; a new draw every epoch."""
 
-    def __init__(self, instances: tuple, classes: tuple | None, ids: dict, task, batch_size: int, scaling: float,
-                 timesteps: int, seed: int) -> None:
+    def __init__(
+        self,
+        instances: tuple,
+        classes: tuple | None,
+        ids: dict,
+        task,
+        batch_size: int,
+        scaling: float,
+        timesteps: int,
+        seed: int,
+    ) -> None:
         self.instances, self.classes, self.ids, self.task = instances, classes, ids, task
         self.batch_size, self.scaling, self.timesteps = batch_size, scaling, timesteps
         self.generator = torch.Generator().manual_seed(seed)
@@ -170,18 +137,24 @@ class DenoisingBatches:
         mean, std = dist[0][index], dist[1][index]
         latents = (mean + std * torch.randn(mean.shape, generator=self.generator)) * self.scaling
         n = len(index)
-        return {"latents": latents, "noise": torch.randn(latents.shape, generator=self.generator),
-                "timesteps": torch.randint(0, self.timesteps, (n,), generator=self.generator),
-                "input_ids": self.ids[prompt].expand(n, -1), "weights": torch.full((n,), weight / n)}
+        return {
+            "latents": latents,
+            "noise": torch.randn(latents.shape, generator=self.generator),
+            "timesteps": torch.randint(0, self.timesteps, (n,), generator=self.generator),
+            "input_ids": self.ids[prompt].expand(n, -1),
+            "weights": torch.full((n,), weight / n),
+        }
 
     def __iter__(self):
         n_inst = len(self.instances[0])
         order = torch.randperm(self.length * self.batch_size, generator=self.generator)
         for start in range(0, len(order), self.batch_size):
-            index = order[start:start + self.batch_size]
+            index = order[start : start + self.batch_size]
             parts = [self._draw(self.instances, index % n_inst, "instance", 1.0)]
             if self.classes is not None:
-                parts.append(self._draw(self.classes, index % len(self.classes[0]), "class", self.task.prior_loss_weight))
+                parts.append(
+                    self._draw(self.classes, index % len(self.classes[0]), "class", self.task.prior_loss_weight)
+                )
             yield {key: torch.cat([p[key] for p in parts]) for key in parts[0]}
 
 
@@ -222,8 +195,9 @@ class DreamBooth:
         if "prior" in self.grids:
             self.base["prior"] = self._errors(model, self.grids["prior"], device, precision)[0].cpu()
         core = denoising_model(model)
-        self.base["samples"] = sample(pipeline(self.parts, core.unet, core.text_encoder), self.prompts, self.seeds,
-                                      self.task, device)
+        self.base["samples"] = sample(
+            pipeline(self.parts, core.unet, core.text_encoder), self.prompts, self.seeds, self.task, device
+        )
         model.train()
 
     def evaluate(self, model: nn.Module, device: torch.device, precision: str, progress: bool) -> dict[str, float]:
@@ -245,17 +219,22 @@ class DreamBooth:
         model.eval()
         core = denoising_model(model)
         device = next(core.unet.parameters()).device
-        samples = sample(pipeline(self.parts, core.unet, core.text_encoder), self.prompts, self.seeds, self.task, device)
+        samples = sample(
+            pipeline(self.parts, core.unet, core.text_encoder), self.prompts, self.seeds, self.task, device
+        )
         png = sample_grid({"base": self.base["samples"], "adapted": samples}, self.prompts, run_dir / "samples.png")
         records.log_image("samples", png)
         folder = run_dir / "diffusers_lora"
-        write_diffusers_lora(folder, {"unet": adapted.lora_factors(core.unet),
-                                      "text_encoder": adapted.lora_factors(core.text_encoder)})
+        write_diffusers_lora(
+            folder, {"unet": adapted.lora_factors(core.unet), "text_encoder": adapted.lora_factors(core.text_encoder)}
+        )
         size = (folder / "pytorch_lora_weights.safetensors").stat().st_size
         ranks = adapted.ranks()
-        out = {"adapter_bytes": size,
-               "rank_unet": sum(r for n, r in ranks.items() if ".unet." in f".{n}"),
-               "rank_text_encoder": sum(r for n, r in ranks.items() if ".text_encoder." in f".{n}")}
+        out = {
+            "adapter_bytes": size,
+            "rank_unet": sum(r for n, r in ranks.items() if ".unet." in f".{n}"),
+            "rank_text_encoder": sum(r for n, r in ranks.items() if ".text_encoder." in f".{n}"),
+        }
         if self.task.subject_metrics:
             out["subject"] = self.subject_metrics(pipeline(self.parts, core.unet, core.text_encoder), device)
         return out
@@ -283,8 +262,12 @@ def _grid(dist: tuple, ids: torch.Tensor, task, scaling: float, seed: int) -> di
     noise = torch.randn((n, draws, *mean.shape[1:]), generator=generator)
     rows = [(i, d, t) for i in range(n) for d in range(draws) for t in range(len(steps))]
     index = torch.tensor(rows)
-    return {"latents": mean[index[:, 0]], "noise": noise[index[:, 0], index[:, 1]], "timesteps": steps[index[:, 2]],
-            "input_ids": ids.expand(len(rows), -1)}
+    return {
+        "latents": mean[index[:, 0]],
+        "noise": noise[index[:, 0], index[:, 1]],
+        "timesteps": steps[index[:, 2]],
+        "input_ids": ids.expand(len(rows), -1),
+    }
 
 
 def dreambooth(cfg) -> tuple[nn.Module, DreamBooth]:
@@ -294,14 +277,22 @@ def dreambooth(cfg) -> tuple[nn.Module, DreamBooth]:
     views = instance_images(task)
     if len(views) <= task.heldout_images:
         raise UserError(f"task.heldout_images={task.heldout_images} leaves no training image of {len(views)}")
-    train_views, heldout = views[:len(views) - task.heldout_images], views[len(views) - task.heldout_images:]
+    train_views, heldout = views[: len(views) - task.heldout_images], views[len(views) - task.heldout_images :]
     folder = pipeline_folder(cfg.model, lambda: to_pixels(views, task.resolution))
     parts = load_components(folder)
     for module in (parts.unet, parts.text_encoder, parts.vae):
         module.to(device).requires_grad_(False)
     scaling = parts.vae.config.scaling_factor
-    tokenize = lambda prompt: parts.tokenizer(prompt, padding="max_length", truncation=True, return_tensors="pt",
-                                              max_length=parts.tokenizer.model_max_length).input_ids
+
+    def tokenize(prompt: str) -> torch.Tensor:
+        return parts.tokenizer(
+            prompt,
+            padding="max_length",
+            truncation=True,
+            return_tensors="pt",
+            max_length=parts.tokenizer.model_max_length,
+        ).input_ids
+
     ids = {"instance": tokenize(task.instance_prompt), "class": tokenize(task.class_prompt)}
     instances = encode(parts.vae, to_pixels(train_views, task.resolution), device)
     classes = None
@@ -309,13 +300,22 @@ def dreambooth(cfg) -> tuple[nn.Module, DreamBooth]:
         classes = encode(parts.vae, to_pixels(class_images(task, folder, parts, device), task.resolution), device)
     grids = {"instance": _grid(instances, ids["instance"], task, scaling, seed=1)}
     if heldout:
-        grids["heldout"] = _grid(encode(parts.vae, to_pixels(heldout, task.resolution), device), ids["instance"],
-                                 task, scaling, seed=2)
+        grids["heldout"] = _grid(
+            encode(parts.vae, to_pixels(heldout, task.resolution), device), ids["instance"], task, scaling, seed=2
+        )
     if classes is not None:
         count = min(task.eval_class_images, len(classes[0]))
         grids["prior"] = _grid((classes[0][:count], classes[1][:count]), ids["class"], task, scaling, seed=3)
-    batches = DenoisingBatches(instances, classes, ids, task, trainer.batch_size, scaling,
-                               parts.scheduler.config.num_train_timesteps, cfg.seed)
+    batches = DenoisingBatches(
+        instances,
+        classes,
+        ids,
+        task,
+        trainer.batch_size,
+        scaling,
+        parts.scheduler.config.num_train_timesteps,
+        cfg.seed,
+    )
     model = DenoisingModel(parts.unet, parts.text_encoder, parts.scheduler)
     family = DreamBooth(task, parts, batches, grids, list(task.sample_prompts), list(task.sample_seeds), views)
     return model, family

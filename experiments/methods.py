@@ -1,4 +1,5 @@
 """The compared methods behind one interface: GeoLoRA (this library), LoRA and AdaLoRA (peft)."""
+
 from __future__ import annotations
 
 import logging
@@ -48,18 +49,28 @@ def _adamw(model: nn.Module, trainer) -> torch.optim.Optimizer:
 def geolora_config(model_cfg, method) -> geolora.GeoLoRAConfig:
     """The library config of a run; its constructor checks the ranks, tau and dropout."""
     return geolora.GeoLoRAConfig(
-        target_modules=list(model_cfg.target_modules), modules_to_save=list(model_cfg.modules_to_save),
-        **{name: getattr(method, name) for name in GEOLORA_FIELDS})
+        target_modules=list(model_cfg.target_modules),
+        modules_to_save=list(model_cfg.modules_to_save),
+        **{name: getattr(method, name) for name in GEOLORA_FIELDS},
+    )
 
 
 def use_geolora(model: nn.Module, model_cfg, method, trainer, total_steps: int) -> Adapted:
     config = geolora_config(model_cfg, method)
     geolora.inject(model, config)
-    optimizer = geolora.GeoLoRAOptimizer(model, lr=trainer.lr, weight_decay=trainer.weight_decay,
-                                         moment_transport=method.moment_transport)
-    return Adapted(model, optimizer, ranks=lambda: geolora.ranks(model),
-                   trainable=lambda: geolora.count_trainable(model), save=lambda path: geolora.save_adapter(model, path),
-                   lora_factors=geolora.io.lora_factors, adapts_ranks=True, settings=config.to_dict())
+    optimizer = geolora.GeoLoRAOptimizer(
+        model, lr=trainer.lr, weight_decay=trainer.weight_decay, moment_transport=method.moment_transport
+    )
+    return Adapted(
+        model,
+        optimizer,
+        ranks=lambda: geolora.ranks(model),
+        trainable=lambda: geolora.count_trainable(model),
+        save=lambda path: geolora.save_adapter(model, path),
+        lora_factors=geolora.io.lora_factors,
+        adapts_ranks=True,
+        settings=config.to_dict(),
+    )
 
 
 @torch.no_grad()
@@ -84,14 +95,24 @@ def peft_lora_factors(module: nn.Module) -> dict[str, tuple[torch.Tensor, torch.
 def use_lora(model: nn.Module, model_cfg, method, trainer, total_steps: int) -> Adapted:
     from peft import LoraConfig, get_peft_model
 
-    config = LoraConfig(r=method.r, lora_alpha=method.alpha, lora_dropout=method.dropout,
-                        target_modules=list(model_cfg.target_modules),
-                        modules_to_save=list(model_cfg.modules_to_save) or None)
+    config = LoraConfig(
+        r=method.r,
+        lora_alpha=method.alpha,
+        lora_dropout=method.dropout,
+        target_modules=list(model_cfg.target_modules),
+        modules_to_save=list(model_cfg.modules_to_save) or None,
+    )
     model = get_peft_model(model, config)
     names = [n for n, m in model.base_model.model.named_modules() if hasattr(m, "lora_A") and m.lora_A]
-    return Adapted(model, _adamw(model, trainer), ranks=lambda: {n: method.r for n in names},
-                   trainable=lambda: sum(p.numel() for p in _trainable_params(model)), save=_save_peft(model),
-                   lora_factors=peft_lora_factors, settings={"r": method.r, "lora_alpha": method.alpha, "lora_dropout": method.dropout})
+    return Adapted(
+        model,
+        _adamw(model, trainer),
+        ranks=lambda: {n: method.r for n in names},
+        trainable=lambda: sum(p.numel() for p in _trainable_params(model)),
+        save=_save_peft(model),
+        lora_factors=peft_lora_factors,
+        settings={"r": method.r, "lora_alpha": method.alpha, "lora_dropout": method.dropout},
+    )
 
 
 def adalora_schedule(tinit: int, tfinal: int, total_steps: int) -> tuple[int, int]:
@@ -103,8 +124,14 @@ def adalora_schedule(tinit: int, tfinal: int, total_steps: int) -> tuple[int, in
     new_tinit, new_tfinal = int(tinit * scale), int(tfinal * scale)
     if new_tinit + new_tfinal >= total_steps or total_steps < 3:
         raise ValueError(f"AdaLoRA needs more than {tinit + tfinal} steps; this run has {total_steps}")
-    log.warning("AdaLoRA tinit/tfinal %d/%d exceed the run's %d steps: using %d/%d", tinit, tfinal,
-                total_steps, new_tinit, new_tfinal)
+    log.warning(
+        "AdaLoRA tinit/tfinal %d/%d exceed the run's %d steps: using %d/%d",
+        tinit,
+        tfinal,
+        total_steps,
+        new_tinit,
+        new_tfinal,
+    )
     return new_tinit, new_tfinal
 
 
@@ -117,8 +144,9 @@ def adalora_target_rank(model: nn.Module, model_cfg, method) -> int:
     from peft.tuners.tuners_utils import check_target_module_exists
 
     matcher = LoraConfig(target_modules=list(model_cfg.target_modules))
-    layers = sum(isinstance(m, nn.Linear) and bool(check_target_module_exists(matcher, n))
-                 for n, m in model.named_modules())
+    layers = sum(
+        isinstance(m, nn.Linear) and bool(check_target_module_exists(matcher, n)) for n, m in model.named_modules()
+    )
     if not layers:
         raise ValueError(f"no Linear layer matches model.target_modules {list(model_cfg.target_modules)}")
     return max(1, round(method.rank_budget / layers))
@@ -129,15 +157,26 @@ def use_adalora(model: nn.Module, model_cfg, method, trainer, total_steps: int) 
 
     target_r = adalora_target_rank(model, model_cfg, method)
     if target_r >= method.init_rank:
-        raise ValueError(f"AdaLoRA prunes from init_rank to target_r: need target_r ({target_r}) "
-                         f"< method.init_rank ({method.init_rank})")
+        raise ValueError(
+            f"AdaLoRA prunes from init_rank to target_r: need target_r ({target_r}) "
+            f"< method.init_rank ({method.init_rank})"
+        )
     tinit, tfinal = adalora_schedule(method.tinit, method.tfinal, total_steps)
-    config = AdaLoraConfig(init_r=method.init_rank, target_r=target_r, tinit=tinit, tfinal=tfinal,
-                           deltaT=method.delta_t, beta1=method.beta1, beta2=method.beta2,
-                           orth_reg_weight=method.orth_reg_weight, total_step=total_steps,
-                           lora_alpha=method.alpha, lora_dropout=method.dropout,
-                           target_modules=list(model_cfg.target_modules),
-                           modules_to_save=list(model_cfg.modules_to_save) or None)
+    config = AdaLoraConfig(
+        init_r=method.init_rank,
+        target_r=target_r,
+        tinit=tinit,
+        tfinal=tfinal,
+        deltaT=method.delta_t,
+        beta1=method.beta1,
+        beta2=method.beta2,
+        orth_reg_weight=method.orth_reg_weight,
+        total_step=total_steps,
+        lora_alpha=method.alpha,
+        lora_dropout=method.dropout,
+        target_modules=list(model_cfg.target_modules),
+        modules_to_save=list(model_cfg.modules_to_save) or None,
+    )
     model = get_peft_model(model, config)
     layers = {n: m for n, m in model.base_model.model.named_modules() if hasattr(m, "lora_E") and m.lora_E}
 
@@ -154,10 +193,26 @@ def use_adalora(model: nn.Module, model_cfg, method, trainer, total_steps: int) 
     def after_step(step: int) -> None:
         model.base_model.update_and_allocate(step)
 
-    settings = {"init_r": method.init_rank, "target_r": target_r, "tinit": tinit, "tfinal": tfinal,
-                "deltaT": method.delta_t, "total_step": total_steps, "orth_reg_weight": method.orth_reg_weight}
-    return Adapted(model, _adamw(model, trainer), ranks=ranks, trainable=trainable, save=_save_peft(model),
-                   lora_factors=peft_lora_factors, after_step=after_step, adapts_ranks=True, settings=settings)
+    settings = {
+        "init_r": method.init_rank,
+        "target_r": target_r,
+        "tinit": tinit,
+        "tfinal": tfinal,
+        "deltaT": method.delta_t,
+        "total_step": total_steps,
+        "orth_reg_weight": method.orth_reg_weight,
+    }
+    return Adapted(
+        model,
+        _adamw(model, trainer),
+        ranks=ranks,
+        trainable=trainable,
+        save=_save_peft(model),
+        lora_factors=peft_lora_factors,
+        after_step=after_step,
+        adapts_ranks=True,
+        settings=settings,
+    )
 
 
 METHODS = {"geolora": use_geolora, "lora": use_lora, "adalora": use_adalora}

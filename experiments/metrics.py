@@ -1,4 +1,5 @@
 """GLUE-style metrics from predictions and labels."""
+
 from __future__ import annotations
 
 import numpy as np

@@ -1,4 +1,5 @@
 """Rank-evolution heatmap (layers x steps) from a run's ranks.csv."""
+
 from __future__ import annotations
 
 import csv
@@ -26,8 +27,13 @@ def read_ranks(path: str | Path) -> tuple[list[int], list[str], np.ndarray]:
 def rank_heatmap(ranks_csv: str | Path, out_png: str | Path, title: str = "") -> Path:
     steps, layers, matrix = read_ranks(ranks_csv)
     fig, ax = plt.subplots(figsize=(10, max(3, 0.16 * len(layers) + 1.5)))
-    image = ax.imshow(matrix, aspect="auto", interpolation="nearest", cmap="viridis",
-                      extent=[steps[0] - 0.5, steps[-1] + 0.5, len(layers) - 0.5, -0.5])
+    image = ax.imshow(
+        matrix,
+        aspect="auto",
+        interpolation="nearest",
+        cmap="viridis",
+        extent=[steps[0] - 0.5, steps[-1] + 0.5, len(layers) - 0.5, -0.5],
+    )
     ax.set_yticks(range(len(layers)))
     ax.set_yticklabels([_short(n) for n in layers], fontsize=5 if len(layers) > 30 else 7)
     ax.set_xlabel("optimizer step")
@@ -47,10 +53,14 @@ def _short(name: str) -> str:
 
 def sample_grid(rows: dict[str, np.ndarray], prompts: list[str], out_png: str | Path) -> Path:
     """Images side by side: one row per (label, seed), one column per prompt (arrays seeds x prompts x H x W x 3)."""
-    labelled = [(f"{label}, seed {i}" if len(images) > 1 else label, row)
-                for label, images in rows.items() for i, row in enumerate(images)]
-    fig, axes = plt.subplots(len(labelled), len(prompts), figsize=(2.2 * len(prompts), 2.3 * len(labelled)),
-                             squeeze=False)
+    labelled = [
+        (f"{label}, seed {i}" if len(images) > 1 else label, row)
+        for label, images in rows.items()
+        for i, row in enumerate(images)
+    ]
+    fig, axes = plt.subplots(
+        len(labelled), len(prompts), figsize=(2.2 * len(prompts), 2.3 * len(labelled)), squeeze=False
+    )
     for r, (label, row) in enumerate(labelled):
         for c, image in enumerate(row):
             ax = axes[r, c]

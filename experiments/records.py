@@ -4,6 +4,7 @@ Run folder: ``metrics.jsonl`` (one record per log/eval), ``ranks.csv`` (step, la
 ``summary.json`` (final and best metrics, times, memory), ``config.yaml`` (resolved),
 ``ranks.png`` (rank evolution). Files are appended and flushed as the run goes, so a crash keeps them.
 """
+
 from __future__ import annotations
 
 import csv
@@ -34,7 +35,9 @@ def _clean(value: Any) -> Any:
 class RunRecords:
     """Writes one run's files and mirrors every record to W&B when a W&B run is open."""
 
-    def __init__(self, run_dir: str | Path, wandb_cfg=None, config: dict | None = None, name: str | None = None) -> None:
+    def __init__(
+        self, run_dir: str | Path, wandb_cfg=None, config: dict | None = None, name: str | None = None
+    ) -> None:
         self.dir = Path(run_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
         self._metrics = open(self.dir / "metrics.jsonl", "w", encoding="utf-8")  # a rerun starts afresh
@@ -48,8 +51,16 @@ class RunRecords:
         os.environ.setdefault("WANDB_SILENT", "true")
         import wandb
 
-        return wandb.init(project=cfg.project, entity=cfg.entity, mode=cfg.mode, dir=str(self.dir), name=name,
-                          config=config, tags=list(cfg.tags), reinit="finish_previous")
+        return wandb.init(
+            project=cfg.project,
+            entity=cfg.entity,
+            mode=cfg.mode,
+            dir=str(self.dir),
+            name=name,
+            config=config,
+            tags=list(cfg.tags),
+            reinit="finish_previous",
+        )
 
     def log(self, step: int, record: dict[str, Any]) -> None:
         record = {"step": step, **{k: _clean(v) for k, v in record.items()}}
@@ -100,8 +111,9 @@ def scrub_paths(folder: str | Path, root: str | Path) -> int:
         elif path.is_file() and path.suffix in TEXT_SUFFIXES:
             text = path.read_text(encoding="utf-8", errors="surrogateescape")
             if root in text:
-                path.write_text(text.replace(root + "/", "./").replace(root, "."), encoding="utf-8",
-                                errors="surrogateescape")
+                path.write_text(
+                    text.replace(root + "/", "./").replace(root, "."), encoding="utf-8", errors="surrogateescape"
+                )
                 changed += 1
     return changed
 
@@ -131,5 +143,9 @@ def provenance(device) -> dict:
             versions[package] = None
     status = git("status", "--porcelain", "--untracked-files=no")
     name = torch.cuda.get_device_name(device) if getattr(device, "type", "") == "cuda" else str(device)
-    return {"commit": git("rev-parse", "HEAD"), "dirty": None if status is None else bool(status),
-            "versions": versions, "device": name}
+    return {
+        "commit": git("rev-parse", "HEAD"),
+        "dirty": None if status is None else bool(status),
+        "versions": versions,
+        "device": name,
+    }

@@ -10,6 +10,7 @@ hydra/launcher=...`` sends them to a cluster); each run lands in
 ``results/runs/<profile>/<study>/<its swept overrides>/`` and is skipped when the command is run again.
 Tables and figures are built by ``experiments.aggregate``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -42,9 +43,18 @@ def _sweep_command(study: Study, sweep: list[str], study_dir: Path, hydra_args: 
     ``method=lora,seed=0,task=movie_reviews``), so a rerun finds and skips the finished ones."""
     keys = {override.split("=", 1)[0] for override in sweep} | {"progress", "skip_finished"}
     not_in_name = sorted(keys - set(study.axes.values()))
-    return [sys.executable, str(ROOT / "run.py"), "-m", *sweep, "progress=false", "skip_finished=true",
-            f"hydra.sweep.dir={study_dir}", "hydra.sweep.subdir=${hydra.job.override_dirname}",
-            f"hydra.job.config.override_dirname.exclude_keys=[{','.join(not_in_name)}]", *hydra_args]
+    return [
+        sys.executable,
+        str(ROOT / "run.py"),
+        "-m",
+        *sweep,
+        "progress=false",
+        "skip_finished=true",
+        f"hydra.sweep.dir={study_dir}",
+        "hydra.sweep.subdir=${hydra.job.override_dirname}",
+        f"hydra.job.config.override_dirname.exclude_keys=[{','.join(not_in_name)}]",
+        *hydra_args,
+    ]
 
 
 def profile(name: str) -> list[Study]:
@@ -68,6 +78,7 @@ def profile(name: str) -> list[Study]:
 
 
 # ---------------------------------------------------------------- running
+
 
 def _values(value: str) -> list[str] | None:
     """The values a sweep override runs over (``a,b`` -> [a, b]; commas inside brackets do not split);
@@ -107,8 +118,10 @@ def _all_finished(study: Study, sweep: list[str], study_dir: Path) -> bool:
     done = {tuple(point.get(axis) for axis in swept) for point, _, _ in collect(study, study_dir)}
     return not set(product(*swept.values())) - done
 
-def run_studies(profile_name: str, studies: list[Study], runs_root: Path, hydra_args: list[str],
-                dry_run: bool = False) -> list[str]:
+
+def run_studies(
+    profile_name: str, studies: list[Study], runs_root: Path, hydra_args: list[str], dry_run: bool = False
+) -> list[str]:
     """Launch every sweep of every study (finished runs are skipped by run.py); returns the failed sweeps.
     A failed run does not stop the others: Hydra finishes the sweep, then reports the failure."""
     failed = []
@@ -129,14 +142,23 @@ def run_studies(profile_name: str, studies: list[Study], runs_root: Path, hydra_
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Run a profile's studies and rebuild its tables and figures.")
-    parser.add_argument("--profile", default="offline", choices=sorted(p.name for p in STUDIES.iterdir()),
-                        help="a folder of conf/study/")
+    parser.add_argument(
+        "--profile",
+        default="offline",
+        choices=sorted(p.name for p in STUDIES.iterdir()),
+        help="a folder of conf/study/",
+    )
     parser.add_argument("--out", default=str(ROOT / "results"), help="tables/ and figures/ go here")
     parser.add_argument("--runs", default=None, help="run folders (default: <out>/runs)")
     parser.add_argument("--aggregate-only", action="store_true", help="only rebuild tables and figures")
     parser.add_argument("--dry-run", action="store_true", help="print the run.py -m commands, run nothing")
-    parser.add_argument("--hydra", nargs="*", default=[], metavar="OVERRIDE",
-                        help="extra overrides for every sweep, e.g. hydra/launcher=submitit_slurm trainer.device=cuda")
+    parser.add_argument(
+        "--hydra",
+        nargs="*",
+        default=[],
+        metavar="OVERRIDE",
+        help="extra overrides for every sweep, e.g. hydra/launcher=submitit_slurm trainer.device=cuda",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     out = Path(args.out)
@@ -151,8 +173,10 @@ def main(argv: list[str] | None = None) -> None:
     for path in aggregate(args.profile, studies, runs_root, out, paper):
         print(path)
     if failed:  # the tables above hold every run that did finish
-        sys.exit(f"error: {len(failed)} sweep(s) had failed runs (their summary.json says why; rerun to retry "
-                 f"them): {'; '.join(failed)}")
+        sys.exit(
+            f"error: {len(failed)} sweep(s) had failed runs (their summary.json says why; rerun to retry "
+            f"them): {'; '.join(failed)}"
+        )
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 generated to real subject images in DINO ViT-S/16 and CLIP image space, and CLIP-T, that of each generated
 image to its prompt (identifier removed) in CLIP space. They need pretrained checkpoints (the hub or local
 copies: ``task.dino_model``, ``task.clip_model``); the code runs on any ViT / CLIP model alike."""
+
 from __future__ import annotations
 
 import torch
@@ -23,9 +24,14 @@ class SubjectSimilarity:
 
         from .models import _from_pretrained
 
-        return cls(_from_pretrained(ViTModel, dino_name, add_pooling_layer=False),
-                   _from_pretrained(AutoImageProcessor, dino_name), _from_pretrained(CLIPModel, clip_name),
-                   _from_pretrained(AutoImageProcessor, clip_name), _from_pretrained(AutoTokenizer, clip_name), device)
+        return cls(
+            _from_pretrained(ViTModel, dino_name, add_pooling_layer=False),
+            _from_pretrained(AutoImageProcessor, dino_name),
+            _from_pretrained(CLIPModel, clip_name),
+            _from_pretrained(AutoImageProcessor, clip_name),
+            _from_pretrained(AutoTokenizer, clip_name),
+            device,
+        )
 
     @torch.no_grad()
     def _dino(self, images: list) -> torch.Tensor:
@@ -46,6 +52,8 @@ class SubjectSimilarity:
         """``generated[i]`` was sampled from ``prompts[i]``; ``real`` are the subject's photos."""
         texts = [" ".join(word for word in p.split() if word != identifier) for p in prompts]
         clip_generated = self._clip_images(generated)
-        return {"dino": (self._dino(generated) @ self._dino(real).T).mean().item(),
-                "clip_i": (clip_generated @ self._clip_images(real).T).mean().item(),
-                "clip_t": (clip_generated * self._clip_texts(texts)).sum(-1).mean().item()}
+        return {
+            "dino": (self._dino(generated) @ self._dino(real).T).mean().item(),
+            "clip_i": (clip_generated @ self._clip_images(real).T).mean().item(),
+            "clip_t": (clip_generated * self._clip_texts(texts)).sum(-1).mean().item(),
+        }

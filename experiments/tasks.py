@@ -2,6 +2,7 @@
 the metrics (the evaluator). The training loop knows only this interface (``train_loader``, ``loss``,
 ``start``, ``evaluate``, ``finish``); classification of text and of images is one family, DreamBooth
 (experiments/dreambooth.py) another, and a new family is one more builder in ``FAMILIES``."""
+
 from __future__ import annotations
 
 import contextlib
@@ -81,10 +82,21 @@ def classification(cfg) -> tuple[nn.Module, Classification]:
         train_collate = data_lib.ImageBatches(task, mean, std, train=True)
         eval_collate = data_lib.ImageBatches(task, mean, std, train=False)
     generator = torch.Generator().manual_seed(cfg.seed)
-    train = DataLoader(data[task.train_split], batch_size=trainer.batch_size, shuffle=True, drop_last=False,
-                       collate_fn=train_collate, generator=generator, num_workers=trainer.num_workers)
-    evals = {split: DataLoader(data[split], batch_size=trainer.eval_batch_size, collate_fn=eval_collate,
-                               num_workers=trainer.num_workers) for split in task.eval_splits}
+    train = DataLoader(
+        data[task.train_split],
+        batch_size=trainer.batch_size,
+        shuffle=True,
+        drop_last=False,
+        collate_fn=train_collate,
+        generator=generator,
+        num_workers=trainer.num_workers,
+    )
+    evals = {
+        split: DataLoader(
+            data[split], batch_size=trainer.eval_batch_size, collate_fn=eval_collate, num_workers=trainer.num_workers
+        )
+        for split in task.eval_splits
+    }
     return load_model(cfg.model, task), Classification(task, train, evals)
 
 
@@ -94,8 +106,10 @@ def dreambooth(cfg) -> tuple[nn.Module, Any]:
     return build_dreambooth(cfg)
 
 
-FAMILIES: dict[str, Callable[[Any], tuple[nn.Module, Any]]] = {"classification": classification,
-                                                              "dreambooth": dreambooth}
+FAMILIES: dict[str, Callable[[Any], tuple[nn.Module, Any]]] = {
+    "classification": classification,
+    "dreambooth": dreambooth,
+}
 
 
 def build(cfg) -> tuple[nn.Module, Any]:

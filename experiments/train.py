@@ -1,6 +1,7 @@
 """One run, method- and task-agnostic: setup (data, model, adapters, optimizer, records), fit (the
 loop: the task family's objective and evaluator, the method behind ``Adapted``), finish (summary, plots,
 adapter). The loop never asks which method or task it runs."""
+
 from __future__ import annotations
 
 import logging
@@ -93,12 +94,22 @@ def setup(cfg, run_dir: str | Path) -> Run:
         scheduler = get_linear_schedule_with_warmup(adapted.optimizer, warmup, total_steps)
     scaler = torch.amp.GradScaler(device.type, enabled=trainer.precision.value == "fp16")
     name = cfg.run_name or f"{cfg.method.name.value}-{cfg.task.name}-s{cfg.seed}"
-    records = RunRecords(run_dir, cfg.logger if cfg.logger.name == "wandb" else None,
-                         OmegaConf.to_container(cfg, resolve=True, enum_to_str=True), name)
-    log.info("run %s: %d steps (%d per epoch), %d trainable parameters in use", name, total_steps,
-             steps_per_epoch, adapted.trainable())
-    return Run(cfg, run_dir, device, family, adapted, scheduler, scaler, records,
-               RunState(name, total_steps, steps_per_epoch))
+    records = RunRecords(
+        run_dir,
+        cfg.logger if cfg.logger.name == "wandb" else None,
+        OmegaConf.to_container(cfg, resolve=True, enum_to_str=True),
+        name,
+    )
+    log.info(
+        "run %s: %d steps (%d per epoch), %d trainable parameters in use",
+        name,
+        total_steps,
+        steps_per_epoch,
+        adapted.trainable(),
+    )
+    return Run(
+        cfg, run_dir, device, family, adapted, scheduler, scaler, records, RunState(name, total_steps, steps_per_epoch)
+    )
 
 
 def _optimizer_step(run: Run, batch: dict) -> torch.Tensor:
@@ -123,9 +134,13 @@ def evaluate(run: Run) -> None:
     state, adapted = run.state, run.adapted
     metrics = run.family.evaluate(adapted.model, run.device, run.cfg.trainer.precision.value, run.cfg.progress)
     ranks = adapted.ranks()
-    record = {**{f"eval/{k}": v for k, v in metrics.items()}, "trainable_params": adapted.trainable(),
-              "total_rank": sum(ranks.values()), "epoch": state.step / state.steps_per_epoch,
-              "wall_time_s": time.perf_counter() - state.start}
+    record = {
+        **{f"eval/{k}": v for k, v in metrics.items()},
+        "trainable_params": adapted.trainable(),
+        "total_rank": sum(ranks.values()),
+        "epoch": state.step / state.steps_per_epoch,
+        "wall_time_s": time.perf_counter() - state.start,
+    }
     run.records.log(state.step, record)
     state.history.append(record)
     for key, value in metrics.items():
@@ -159,8 +174,14 @@ def fit(run: Run) -> None:
                 if not math.isfinite(loss.item()):
                     raise FloatingPointError(f"loss became {loss.item()} at step {step}")
                 if step % trainer.log_every == 0 or last:
-                    run.records.log(step, {"train/loss": loss.item(), "train/lr": run.scheduler.get_last_lr()[0],
-                                           "train/step_time_s": state.step_times[-1]})
+                    run.records.log(
+                        step,
+                        {
+                            "train/loss": loss.item(),
+                            "train/lr": run.scheduler.get_last_lr()[0],
+                            "train/step_time_s": state.step_times[-1],
+                        },
+                    )
                     bar.set_postfix(loss=f"{loss.item():.4f}")
                 if step % trainer.log_every == 0 or step % eval_every == 0 or last:
                     run.records.log_ranks(step, adapted.ranks())
@@ -175,26 +196,37 @@ def fit(run: Run) -> None:
 
 def _peak_memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2 ** 20
+        return torch.cuda.max_memory_allocated(device) / 2**20
     scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss: bytes on macOS, KiB on Linux
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 2 ** 20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 2**20
 
 
 def summary(run: Run) -> dict:
     """What summary.json holds: final and best metrics, ranks, parameters in use, times, memory."""
     cfg, state, adapted = run.cfg, run.state, run.adapted
     return {
-        "name": state.name, "status": state.status,
-        "diverged": state.status == "diverged", "method": cfg.method.name.value, "task": cfg.task.name,
-        "model": cfg.model.name, "pretrained": cfg.model.pretrained, "seed": cfg.seed, "steps": state.step,
-        "total_steps": state.total_steps, "main_metric": f"eval/{cfg.task.main_metric}",
+        "name": state.name,
+        "status": state.status,
+        "diverged": state.status == "diverged",
+        "method": cfg.method.name.value,
+        "task": cfg.task.name,
+        "model": cfg.model.name,
+        "pretrained": cfg.model.pretrained,
+        "seed": cfg.seed,
+        "steps": state.step,
+        "total_steps": state.total_steps,
+        "main_metric": f"eval/{cfg.task.main_metric}",
         "final": state.history[-1] if state.history else {},
         "best": {f"eval/{k}": v for k, v in state.best.items()},
-        "trainable_params_final": adapted.trainable(), "ranks_final": adapted.ranks(),
+        "trainable_params_final": adapted.trainable(),
+        "ranks_final": adapted.ranks(),
         "step_time_median_s": statistics.median(state.step_times) if state.step_times else None,
-        "epoch_time_s": state.epoch_times, "total_time_s": time.perf_counter() - state.start,
-        "peak_memory_mb": _peak_memory_mb(run.device), "device": str(run.device),
-        "method_settings": adapted.settings, "provenance": provenance(run.device),
+        "epoch_time_s": state.epoch_times,
+        "total_time_s": time.perf_counter() - state.start,
+        "peak_memory_mb": _peak_memory_mb(run.device),
+        "device": str(run.device),
+        "method_settings": adapted.settings,
+        "provenance": provenance(run.device),
     }
 
 

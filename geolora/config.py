@@ -1,4 +1,5 @@
 """Configuration of GeoLoRA adapters: which layers, which ranks, which truncation rule."""
+
 from __future__ import annotations
 
 import json
@@ -43,7 +44,9 @@ class GeoLoRAConfig:
         if self.min_rank < 1:
             raise ValueError(f"min_rank must be >= 1, got {self.min_rank}")
         if self.min_rank > self.max_rank:
-            raise ValueError(f"min_rank ({self.min_rank}) > max_rank ({self.max_rank}): lower min_rank or raise max_rank")
+            raise ValueError(
+                f"min_rank ({self.min_rank}) > max_rank ({self.max_rank}): lower min_rank or raise max_rank"
+            )
         if not self.min_rank <= self.init_rank <= self.max_rank:
             raise ValueError(
                 f"init_rank ({self.init_rank}) must lie in [min_rank, max_rank] = [{self.min_rank}, {self.max_rank}]"

@@ -4,6 +4,7 @@ An adapter folder holds ``adapter_config.json`` (the GeoLoRAConfig and every lay
 ``adapter_model.safetensors`` (each layer's factors at its current rank, plus the trainable
 parameters of ``modules_to_save``), so a model of the same architecture gets its ranks back.
 """
+
 from __future__ import annotations
 
 import copy
@@ -84,8 +85,11 @@ def lora_factors(module: nn.Module) -> dict[str, tuple[torch.Tensor, torch.Tenso
         raise ValueError(f"{type(module).__name__} holds no GeoLoRA adapter; inject one with geolora.inject")
     if any(layer.merged for layer in layers.values()):
         raise ValueError("adapters are merged; call geolora.unmerge(model) before exporting")
-    return {name: (layer.v.T.detach().contiguous(), (layer.alpha * (layer.u @ layer.s)).detach().contiguous())
-            for name, layer in layers.items() if layer.rank > 0}
+    return {
+        name: (layer.v.T.detach().contiguous(), (layer.alpha * (layer.u @ layer.s)).detach().contiguous())
+        for name, layer in layers.items()
+        if layer.rank > 0
+    }
 
 
 def lora_config_dict(factors: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> dict:
@@ -93,8 +97,15 @@ def lora_config_dict(factors: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> d
     and ``lora_alpha = r`` per layer in ``alpha_pattern``, so peft's scaling ``lora_alpha / r`` is 1."""
     patterns = {re.escape(name): a.shape[0] for name, (a, _) in factors.items()}
     top = max(patterns.values())
-    return {"r": top, "lora_alpha": top, "target_modules": list(factors), "rank_pattern": patterns,
-            "alpha_pattern": dict(patterns), "lora_dropout": 0.0, "bias": "none"}
+    return {
+        "r": top,
+        "lora_alpha": top,
+        "target_modules": list(factors),
+        "rank_pattern": patterns,
+        "alpha_pattern": dict(patterns),
+        "lora_dropout": 0.0,
+        "bias": "none",
+    }
 
 
 def export_peft(model: nn.Module, path: str | Path) -> Path:
@@ -119,8 +130,9 @@ def export_peft(model: nn.Module, path: str | Path) -> Path:
     return Path(path)
 
 
-def write_diffusers_lora(path: str | Path, components: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]]
-                         ) -> Path:
+def write_diffusers_lora(
+    path: str | Path, components: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]]
+) -> Path:
     """Write LoRA factors per pipeline component (``{"unet": {module: (A, B)}, "text_encoder": ...}``,
     scale 1) as ``path/pytorch_lora_weights.safetensors`` in diffusers' peft format, with each layer's
     rank in the adapter metadata, so ``pipeline.load_lora_weights(path)`` restores ranks that differ per layer."""
@@ -134,10 +146,12 @@ def write_diffusers_lora(path: str | Path, components: dict[str, dict[str, tuple
 
     unet, text = components.get("unet"), components.get("text_encoder")
     StableDiffusionPipeline.save_lora_weights(
-        str(path), unet_lora_layers=tensors(unet) if unet else None,
+        str(path),
+        unet_lora_layers=tensors(unet) if unet else None,
         text_encoder_lora_layers=tensors(text) if text else None,
         unet_lora_adapter_metadata=lora_config_dict(unet) if unet else None,
-        text_encoder_lora_adapter_metadata=lora_config_dict(text) if text else None)
+        text_encoder_lora_adapter_metadata=lora_config_dict(text) if text else None,
+    )
     return Path(path)
 
 
@@ -145,8 +159,11 @@ def export_diffusers(path: str | Path, unet: nn.Module | None = None, text_encod
     """Write the GeoLoRA adapters of a Stable Diffusion ``unet`` and/or ``text_encoder`` as a diffusers LoRA
     (``path/pytorch_lora_weights.safetensors``): ``StableDiffusionPipeline.load_lora_weights(path)`` then
     computes what the adapted modules compute, each layer at its own rank."""
-    components = {key: lora_factors(module) for key, module in (("unet", unet), ("text_encoder", text_encoder))
-                  if module is not None}
+    components = {
+        key: lora_factors(module)
+        for key, module in (("unet", unet), ("text_encoder", text_encoder))
+        if module is not None
+    }
     if not components:
         raise ValueError("export_diffusers needs unet= and/or text_encoder=")
     return write_diffusers_lora(path, components)
@@ -160,7 +177,7 @@ def _peft_scale(name: str, rank: int, peft_config: dict) -> float:
         if re.match(rf"(.*\.)?({key})$", name):
             alpha = value
             break
-    return alpha / (rank ** 0.5 if peft_config.get("use_rslora") else rank)
+    return alpha / (rank**0.5 if peft_config.get("use_rslora") else rank)
 
 
 def from_peft(model: nn.Module, path: str | Path, **config_overrides) -> nn.Module:
@@ -171,18 +188,28 @@ def from_peft(model: nn.Module, path: str | Path, **config_overrides) -> nn.Modu
     path = Path(path)
     config_file, weights_file = path / "adapter_config.json", path / "adapter_model.safetensors"
     if not config_file.is_file() or not weights_file.is_file():
-        raise ValueError(f"{path} is not a peft adapter folder (needs adapter_config.json and adapter_model.safetensors)")
+        raise ValueError(
+            f"{path} is not a peft adapter folder (needs adapter_config.json and adapter_model.safetensors)"
+        )
     peft_config = json.loads(config_file.read_text())
     if peft_config.get("peft_type", "LORA") != "LORA":
         raise ValueError(f"{path} holds a {peft_config['peft_type']} adapter; from_peft reads LoRA adapters")
     tensors = {key.removeprefix("base_model.model."): value for key, value in load_file(str(weights_file)).items()}
-    factors = {key.removesuffix(".lora_A.weight"): (value, tensors[key.replace("lora_A", "lora_B")])
-               for key, value in tensors.items() if key.endswith(".lora_A.weight")}
+    factors = {
+        key.removesuffix(".lora_A.weight"): (value, tensors[key.replace("lora_A", "lora_B")])
+        for key, value in tensors.items()
+        if key.endswith(".lora_A.weight")
+    }
     if not factors:
         raise ValueError(f"{path} holds no LoRA factors")
     top = max(a.shape[0] for a, _ in factors.values())
-    settings = dict(target_modules=sorted(factors), init_rank=top, max_rank=2 * top, alpha=1.0,
-                    modules_to_save=list(peft_config.get("modules_to_save") or []))
+    settings = dict(
+        target_modules=sorted(factors),
+        init_rank=top,
+        max_rank=2 * top,
+        alpha=1.0,
+        modules_to_save=list(peft_config.get("modules_to_save") or []),
+    )
     inject(model, GeoLoRAConfig(**{**settings, **config_overrides}))
     layers = dict(adapters(model))
     with torch.no_grad():
@@ -194,8 +221,11 @@ def from_peft(model: nn.Module, path: str | Path, **config_overrides) -> nn.Modu
             q_a, r_a = torch.linalg.qr(a.T)
             p, sigma, q_t = torch.linalg.svd(_peft_scale(name, a.shape[0], peft_config) * r_b @ r_a.T)
             rank = min(a.shape[0], layer.max_rank)
-            layer.set_factors((q_b @ p)[:, :rank].to(dtype), (torch.diag(sigma[:rank]) / layer.alpha).to(dtype),
-                              (q_a @ q_t.T)[:, :rank].to(dtype))
+            layer.set_factors(
+                (q_b @ p)[:, :rank].to(dtype),
+                (torch.diag(sigma[:rank]) / layer.alpha).to(dtype),
+                (q_a @ q_t.T)[:, :rank].to(dtype),
+            )
         saved = _saved_parameters(model)
         for key, value in tensors.items():
             name = key.replace(".modules_to_save.default", "")

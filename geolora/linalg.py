@@ -2,6 +2,7 @@
 
 Every function works on plain tensors so it can be tested alone against the paper's statements.
 """
+
 from __future__ import annotations
 
 from typing import NamedTuple
@@ -9,9 +10,14 @@ from typing import NamedTuple
 import torch
 
 
-def random_orthonormal(rows: int, cols: int, *, dtype: torch.dtype = torch.float32,
-                       device: torch.device | str | None = None,
-                       generator: torch.Generator | None = None) -> torch.Tensor:
+def random_orthonormal(
+    rows: int,
+    cols: int,
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
     """A rows x cols matrix with orthonormal columns, Haar-distributed (QR of a Gaussian)."""
     gauss = torch.randn(rows, cols, dtype=dtype, device=device, generator=generator)
     q, r = torch.linalg.qr(gauss)
@@ -70,10 +76,15 @@ class Augmented(NamedTuple):
         return [torch.bmm(c, m, out=o) for c, m, o in zip(self.columns, small, out or [None] * len(self.columns))]
 
 
-def augment_bases(bases: list[torch.Tensor], directions: list[torch.Tensor], ranks: torch.Tensor,
-                  widths: torch.Tensor, out: list[torch.Tensor] | None = None,
-                  projections_out: list[torch.Tensor] | None = None, overlap: torch.Tensor | None = None
-                  ) -> Augmented:
+def augment_bases(
+    bases: list[torch.Tensor],
+    directions: list[torch.Tensor],
+    ranks: torch.Tensor,
+    widths: torch.Tensor,
+    out: list[torch.Tensor] | None = None,
+    projections_out: list[torch.Tensor] | None = None,
+    overlap: torch.Tensor | None = None,
+) -> Augmented:
     """Extend each basis by the strongest ``widths[i]`` directions of ``(I - B B^T) directions``, for
     stacks of layers of different ranks held in fixed-size buffers.
 
@@ -92,10 +103,10 @@ def augment_bases(bases: list[torch.Tensor], directions: list[torch.Tensor], ran
     ``P = D - B B^T D`` (explicit, so a gradient lying mostly in the basis loses no precision to
     cancellation) and its Gram matrix; the columns ``C = B + P T``, T from the eigenvectors; their Gram
     matrix, whose Cholesky factor gives ``mix`` (the second pass of CholeskyQR2, which removes the first
-    pass's rounding); ``C^T P`` for the coefficients; later the product with the rotation. The small linear algebra runs once for all
-    groups. ``out[g]`` receives group g's columns and ``projections_out[g]`` its projection (it may be
-    ``directions[g]`` itself): callers that step every iteration reuse their buffers. ``overlap``
-    (B x R x R, ``B^T D`` of every item) spares the first matmul where the caller already has it:
+    pass's rounding); ``C^T P`` for the coefficients; later the product with the rotation. The small
+    linear algebra runs once for all groups. ``out[g]`` receives group g's columns and ``projections_out[g]``
+    its projection (it may be ``directions[g]`` itself): callers that step every iteration reuse their buffers.
+    ``overlap`` (B x R x R, ``B^T D`` of every item) spares the first matmul where the caller already has it:
     GeoLoRA's S-gradient is ``U^T G_K``, and its transpose ``V^T G_L``. Non-finite directions make
     ``finite`` false for their item; its other results are then meaningless but finite-sized work.
     """
@@ -119,14 +130,19 @@ def augment_bases(bases: list[torch.Tensor], directions: list[torch.Tensor], ran
     strength, vectors = torch.linalg.eigh(projected_gram)  # ascending
     strength, vectors = strength.flip(-1), vectors.flip(-1) * old.unsqueeze(-1)
     slot = torch.arange(width, device=ranks.device)
-    strong = (strength > noise_floor(dtype) ** 2 * torch.where(finite, square, 0.0).unsqueeze(-1)) \
-        & (slot < widths.unsqueeze(-1))
+    strong = (strength > noise_floor(dtype) ** 2 * torch.where(finite, square, 0.0).unsqueeze(-1)) & (
+        slot < widths.unsqueeze(-1)
+    )
     # place[k, r + k] = 1 for the strong directions k: direction k becomes augmented column r + k.
     place = ((slot.view(1, -1, 1) + ranks.view(-1, 1, 1) == slot.view(1, 1, -1)) & strong.unsqueeze(-1)).double()
     new = place.sum(-2) > 0
     on_projection = vectors * torch.where(strong, strength, 1.0).rsqrt().unsqueeze(-2) @ place
-    columns = [torch.baddbmm(basis, projection, t, out=o) for basis, projection, t, o in
-               zip(bases, projections_of, on_projection.to(dtype).split(sizes), out or [None] * len(bases))]
+    columns = [
+        torch.baddbmm(basis, projection, t, out=o)
+        for basis, projection, t, o in zip(
+            bases, projections_of, on_projection.to(dtype).split(sizes), out or [None] * len(bases)
+        )
+    ]
     # The new columns are orthonormal up to the rounding of forming them, below 0.1 for any direction
     # above the noise floor. A column whose Gershgorin disc leaves (0.5, 1.5) can only come from
     # non-finite or overflowing data: it is left out, which keeps the second factorisation defined.
@@ -139,19 +155,30 @@ def augment_bases(bases: list[torch.Tensor], directions: list[torch.Tensor], ran
     # carries rounding of relative size eps / strength, which must not reach its coefficient.
     formed = torch.cat([c.mT @ p for c, p in zip(columns, projections_of)]).double()
     projections = mix.mT @ (formed + gram @ overlap)
-    return Augmented(columns, mix.to(dtype), (lower.mT * old_block).to(dtype), projections.to(dtype), valid,
-                     finite & torch.isfinite(gram).all((-2, -1)))
+    return Augmented(
+        columns,
+        mix.to(dtype),
+        (lower.mT * old_block).to(dtype),
+        projections.to(dtype),
+        valid,
+        finite & torch.isfinite(gram).all((-2, -1)),
+    )
 
 
 def matched_identity(rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
     """B x R x R partial isometry pairing the k-th True of ``rows`` with the k-th True of ``cols``."""
     rank_rows, rank_cols = rows.cumsum(-1), cols.cumsum(-1)
-    return (rows.unsqueeze(-1) & cols.unsqueeze(-2)
-            & (rank_rows.unsqueeze(-1) == rank_cols.unsqueeze(-2)))
+    return rows.unsqueeze(-1) & cols.unsqueeze(-2) & (rank_rows.unsqueeze(-1) == rank_cols.unsqueeze(-2))
 
 
-def augmented_coefficients(s_new: torch.Tensor, basis_t_grad_k: torch.Tensor, grad_l_t_basis: torch.Tensor,
-                           ranks: torch.Tensor, widths: torch.Tensor, step: float | torch.Tensor) -> torch.Tensor:
+def augmented_coefficients(
+    s_new: torch.Tensor,
+    basis_t_grad_k: torch.Tensor,
+    grad_l_t_basis: torch.Tensor,
+    ranks: torch.Tensor,
+    widths: torch.Tensor,
+    step: float | torch.Tensor,
+) -> torch.Tensor:
     """The coefficient matrix of the augmented bases ``[U Ubar], [V Vbar]`` (B x R x R, padded).
 
     Blocks: ``[[S', -h G_L^T Vbar], [-h Ubar^T G_K, 0]]``: the K- and L-steps of the parallel
@@ -190,7 +217,7 @@ def budget_ranks(sigmas: list[torch.Tensor], budget: int, min_ranks: list[int], 
     caps = [max(min(hi, s.numel()), f) for hi, s, f in zip(max_ranks, sigmas, floors)]
     values = torch.cat([s.detach().double().cpu()[f:c] for s, f, c in zip(sigmas, floors, caps)])
     layer_of = torch.cat([torch.full((c - f,), i) for i, (f, c) in enumerate(zip(floors, caps))])
-    kept = torch.argsort(values, descending=True, stable=True)[:max(budget - sum(floors), 0)]
+    kept = torch.argsort(values, descending=True, stable=True)[: max(budget - sum(floors), 0)]
     kept = kept[values[kept] > 0]
     extra = torch.bincount(layer_of[kept], minlength=len(sigmas)).tolist()
     return [f + e for f, e in zip(floors, extra)]

@@ -1,4 +1,5 @@
 """Injecting GeoLoRA adapters into a model and inspecting the adapted model."""
+
 from __future__ import annotations
 
 import re
@@ -37,18 +38,24 @@ def inject(model: nn.Module, config: GeoLoRAConfig) -> nn.Module:
     """
     if any(True for _ in adapters(model)):
         raise ValueError("model already holds GeoLoRA adapters; inject into a fresh model")
-    targets = [(name, module) for name, module in model.named_modules()
-               if name and _matches(name, config.target_modules)]
+    targets = [
+        (name, module) for name, module in model.named_modules() if name and _matches(name, config.target_modules)
+    ]
     if not targets:
         linear = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)][:8]
-        raise ValueError(f"no module matched target_modules={config.target_modules!r}; "
-                         f"Linear layers of this model include {linear}")
+        raise ValueError(
+            f"no module matched target_modules={config.target_modules!r}; Linear layers of this model include {linear}"
+        )
     for name, module in targets:
         if not isinstance(module, nn.Linear):
-            raise ValueError(f"target {name!r} is a {type(module).__name__}, GeoLoRA adapts nn.Linear only; "
-                             "narrow target_modules")
-    saved = [(name, module) for name, module in model.named_modules()
-             if name and config.modules_to_save and _matches(name, config.modules_to_save)]
+            raise ValueError(
+                f"target {name!r} is a {type(module).__name__}, GeoLoRA adapts nn.Linear only; narrow target_modules"
+            )
+    saved = [
+        (name, module)
+        for name, module in model.named_modules()
+        if name and config.modules_to_save and _matches(name, config.modules_to_save)
+    ]
     if config.modules_to_save and not saved:
         raise ValueError(f"no module matched modules_to_save={config.modules_to_save!r}")
 
@@ -82,7 +89,7 @@ def count_trainable(model: nn.Module) -> int:
     adapter_params = set()
     for _, layer in adapters(model):
         out_features, in_features = layer.base.out_features, layer.base.in_features
-        in_adapters += layer.rank * (out_features + in_features) + layer.rank ** 2
+        in_adapters += layer.rank * (out_features + in_features) + layer.rank**2
         adapter_params.update(id(p) for p in (layer.U, layer.S, layer.V))
     others = sum(p.numel() for p in model.parameters() if p.requires_grad and id(p) not in adapter_params)
     return in_adapters + others

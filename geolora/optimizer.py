@@ -31,6 +31,7 @@ kept wherever the new basis can hold it), the second moment is carried by the sq
 diagonal approximation that preserves its total). ``moment_transport="reset"`` restarts them instead.
 Neither U nor V is ever weight-decayed: they are orthonormal bases, not weights.
 """
+
 from __future__ import annotations
 
 from typing import Callable, NamedTuple
@@ -38,13 +39,22 @@ from typing import Callable, NamedTuple
 import torch
 from torch import nn
 
+from .base_optimizers import MOMENTS, base_step
+from .decisions import decide
 from .layer import GeoLoRALinear
-from .linalg import (Augmented, augment_bases, augmented_coefficients, budget_ranks, columns_in_use,
-                     matched_identity, transport_first_moment, transport_second_moment, truncation_ranks)
+from .linalg import (
+    Augmented,
+    augment_bases,
+    augmented_coefficients,
+    columns_in_use,
+    matched_identity,
+    transport_first_moment,
+    transport_second_moment,
+)
 from .model import adapters, config_of
 from .stacking import Buffers, Plan, in_batch_order, make_plans
 
-BASE_OPTIMIZERS = ("adamw", "sgd")
+BASE_OPTIMIZERS = tuple(MOMENTS)
 MOMENT_TRANSPORTS = ("rotate", "reset")
 
 
@@ -93,9 +103,17 @@ class GeoLoRAOptimizer(torch.optim.Optimizer):
     changed; their stacked copies, projections and new columns live in buffers kept between steps.
     """
 
-    def __init__(self, model: nn.Module, lr: float = 1e-3, weight_decay: float = 0.0,
-                 base_optimizer: str = "adamw", betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
-                 momentum: float = 0.0, moment_transport: str = "rotate") -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        lr: float = 1e-3,
+        weight_decay: float = 0.0,
+        base_optimizer: str = "adamw",
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        momentum: float = 0.0,
+        moment_transport: str = "rotate",
+    ) -> None:
         if base_optimizer not in BASE_OPTIMIZERS:
             raise ValueError(f"base_optimizer must be one of {BASE_OPTIMIZERS}, got {base_optimizer!r}")
         if moment_transport not in MOMENT_TRANSPORTS:
@@ -129,14 +147,18 @@ class GeoLoRAOptimizer(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         group = self.param_groups[0]
-        others = [(name, p) for g in self.param_groups[1:] for name, p in zip(self.other_names, g["params"])
-                  if p.grad is not None]
+        others = [
+            (name, p)
+            for g in self.param_groups[1:]
+            for name, p in zip(self.other_names, g["params"])
+            if p.grad is not None
+        ]
         # A sum is non-finite when any entry is (or the gradient overflows): one reduction per tensor.
         others_finite = torch.isfinite(torch.stack([p.grad.sum() for _, p in others])) if others else None
         adapt = group["step"] % (self.coefficient_steps + 1) == 0
         batches = [self._coefficient_step(plan, group) for plan in self._plans_for(group)]
         decomposed = [self._augmented_svd(batch, group) for batch in batches] if adapt else []
-        new_ranks = self._decide(batches, decomposed, others, others_finite)  # raises before anything is written
+        new_ranks = decide(batches, decomposed, others, others_finite, self.rank_budget)  # raises before any write
         group["step"] += 1
         if adapt:
             self._commit_adapting(decomposed, new_ranks)
@@ -149,15 +171,14 @@ class GeoLoRAOptimizer(torch.optim.Optimizer):
                     state = self.state[param]
                     moments = self._moments(state, param)
                     state["step"] += 1
-                    self._base_step(param, param.grad, moments, state["step"], g)
+                    base_step(self.base_optimizer, param, param.grad, moments, state["step"], g)
         return loss
 
     def _moments(self, state: dict, like: torch.Tensor) -> dict[str, torch.Tensor]:
         """The base optimizer's moment tensors in ``state`` (see ``_state_tensor``)."""
-        keys = ("exp_avg", "exp_avg_sq") if self.base_optimizer == "adamw" else ("exp_avg",)
         if not state:
             state["step"] = 0
-        return {key: self._state_tensor(state, key, like, like.shape) for key in keys}
+        return {key: self._state_tensor(state, key, like, like.shape) for key in MOMENTS[self.base_optimizer]}
 
     @staticmethod
     def _state_tensor(state: dict, key: str, like: torch.Tensor, shape: tuple) -> torch.Tensor:
@@ -174,15 +195,23 @@ class GeoLoRAOptimizer(torch.optim.Optimizer):
         """The stacking plans of this step's layers, rebuilt when the set of stepped layers, or their
         dtype or device, changes (then buffers of dtypes or devices no longer used are dropped)."""
         coefficients = group["params"][1::3]
-        stepped = tuple((i, s.dtype, s.device) for i, (layer, s) in enumerate(zip(self.layers, coefficients))
-                        if s.grad is not None and not layer.merged)
+        stepped = tuple(
+            (i, s.dtype, s.device)
+            for i, (layer, s) in enumerate(zip(self.layers, coefficients))
+            if s.grad is not None and not layer.merged
+        )
         if self._plans[0] != stepped:
             kinds = {(dtype, device) for _, dtype, device in stepped}
             self._buffers.keep_only(kinds)
             indices = [i for i, _, _ in stepped]
-            self._plans = (stepped, make_plans([self.layers[i] for i in indices],
-                                                     [self.layer_names[i] for i in indices],
-                                                     [group["params"][3 * i:3 * i + 3] for i in indices]))
+            self._plans = (
+                stepped,
+                make_plans(
+                    [self.layers[i] for i in indices],
+                    [self.layer_names[i] for i in indices],
+                    [group["params"][3 * i : 3 * i + 3] for i in indices],
+                ),
+            )
         return self._plans[1]
 
     def _coefficient_step(self, plan: Plan, group: dict) -> _Batch:
@@ -190,38 +219,20 @@ class GeoLoRAOptimizer(torch.optim.Optimizer):
         s = self._buffers.stacked_factors("coefficients", plan.coefficients)
         states = [self.state[p] for p in plan.coefficients]
         moments = [self._moments(state, s[0]) for state in states]
-        stacked = {key: self._buffers.stacked(key, [m[key] for m in moments],
-                                      lambda i, view, key=key: states[i].__setitem__(key, view))
-                   for key in moments[0]}
+        stacked = {
+            key: self._buffers.stacked(
+                key, [m[key] for m in moments], lambda i, view, key=key: states[i].__setitem__(key, view)
+            )
+            for key in moments[0]
+        }
         steps = [state["step"] + 1 for state in states]
-        steps = steps[0] if len(set(steps)) == 1 else torch.tensor(steps, dtype=s.dtype, device=s.device).view(-1, 1, 1)
+        steps = (
+            steps[0] if len(set(steps)) == 1 else torch.tensor(steps, dtype=s.dtype, device=s.device).view(-1, 1, 1)
+        )
         grad_s = torch.stack([p.grad for p in plan.coefficients])
         s_new, moments_new = s.clone(), {key: value.clone() for key, value in stacked.items()}
-        self._base_step(s_new, grad_s, moments_new, steps, group)
+        base_step(self.base_optimizer, s_new, grad_s, moments_new, steps, group)
         return _Batch(plan, [layer.rank for layer in plan.layers], s, s_new, grad_s, stacked, moments_new, steps)
-
-    def _base_step(self, param: torch.Tensor, grad: torch.Tensor, moments: dict[str, torch.Tensor],
-                   steps: int | torch.Tensor, group: dict) -> None:
-        """AdamW / SGD in place on one tensor (or on a stack of same-shaped ones, ``steps`` then per
-        item, shaped to broadcast). Coefficient matrices are stepped at their full fixed size: outside
-        the rank x rank block their gradient, moments and values are zero, so the step leaves them zero."""
-        lr, wd = group["lr"], group["weight_decay"]
-        exp_avg = moments["exp_avg"]
-        if self.base_optimizer == "adamw":
-            beta1, beta2 = group["betas"]
-            exp_avg_sq = moments["exp_avg_sq"]
-            if wd:
-                param.mul_(1 - lr * wd)
-            exp_avg.lerp_(grad, 1 - beta1)
-            exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-            denom = (exp_avg_sq / (1 - beta2 ** steps)).sqrt_().add_(group["eps"])
-            param.sub_(exp_avg / denom * (lr / (1 - beta1 ** steps)))
-        else:
-            if wd:
-                grad = grad + wd * param
-            if group["momentum"]:
-                grad = exp_avg.mul_(group["momentum"]).add_(grad)
-            param.add_(grad, alpha=-lr)
 
     def _augment(self, batch: _Batch, widths: list[int]) -> tuple[list[torch.Tensor], Augmented]:
         """Augment a batch's bases (U and V factors alike) by their gradients (the K- and L-gradients),
@@ -232,23 +243,35 @@ class GeoLoRAOptimizer(torch.optim.Optimizer):
         widths = torch.tensor(widths * 2, device=device)[plan.order]
         overlaps = torch.cat([batch.grad_s, batch.grad_s.mT])[plan.order]
         stacked = [self._buffers.stacked_factors("bases", g) for g in plan.groups]
-        directions = [torch.stack([f.grad for f in g],
-                                  out=self._buffers.scratch("directions", (len(g), *g[0].shape), g[0]))
-                      for g in plan.groups]  # the projection is written over them
-        augmented = augment_bases(stacked, directions, ranks, widths,
-                                  out=[self._buffers.scratch("columns", d.shape, d) for d in directions],
-                                  projections_out=directions, overlap=overlaps)
+        directions = [
+            torch.stack([f.grad for f in g], out=self._buffers.scratch("directions", (len(g), *g[0].shape), g[0]))
+            for g in plan.groups
+        ]  # the projection is written over them
+        augmented = augment_bases(
+            stacked,
+            directions,
+            ranks,
+            widths,
+            out=[self._buffers.scratch("columns", d.shape, d) for d in directions],
+            projections_out=directions,
+            overlap=overlaps,
+        )
         return stacked, augmented
 
-    def _step_size(self, batch: _Batch, projections: tuple[torch.Tensor, torch.Tensor],
-                   valid: tuple[torch.Tensor, torch.Tensor], ranks: torch.Tensor, group: dict
-                   ) -> tuple[torch.Tensor | float, tuple | None]:
+    def _step_size(
+        self,
+        batch: _Batch,
+        projections: tuple[torch.Tensor, torch.Tensor],
+        valid: tuple[torch.Tensor, torch.Tensor],
+        ranks: torch.Tensor,
+        group: dict,
+    ) -> tuple[torch.Tensor | float, tuple | None]:
         """The step size of the new blocks (B x 1 x 1) and (stacked, new) running mean squares of the
         layers' tangent gradients ``[G_S, Ubar^T G_K, G_L^T Vbar]``."""
         if self.base_optimizer != "adamw":
             return group["lr"], None
         old = columns_in_use(ranks, batch.s.shape[-1])
-        squares, counts = [batch.grad_s.pow(2).sum((-2, -1))], [ranks ** 2]
+        squares, counts = [batch.grad_s.pow(2).sum((-2, -1))], [ranks**2]
         for projection, columns in zip(projections, valid):
             new = (columns & ~old).to(projection.dtype)
             block = projection * new.unsqueeze(-1) * old.unsqueeze(-2).to(projection.dtype)
@@ -258,8 +281,10 @@ class GeoLoRAOptimizer(torch.optim.Optimizer):
         coefficients = batch.plan.coefficients
         states = [self.state[p] for p in coefficients]
         previous = self._buffers.stacked(
-            "tangent_sq", [self._state_tensor(st, "tangent_sq", batch.s, ()) for st in states],
-            lambda i, view: states[i].__setitem__("tangent_sq", view))
+            "tangent_sq",
+            [self._state_tensor(st, "tangent_sq", batch.s, ()) for st in states],
+            lambda i, view: states[i].__setitem__("tangent_sq", view),
+        )
         beta2 = group["betas"][1]
         running = torch.where(previous > 0, beta2 * previous + (1 - beta2) * mean_square, mean_square)
         # The larger of the running and the current mean square: a gradient surge cannot enlarge the step.
@@ -277,8 +302,11 @@ class GeoLoRAOptimizer(torch.optim.Optimizer):
         u_factor, v_factor = in_batch_order(augmented.r_factor, order)
         u_valid, v_valid = in_batch_order(augmented.valid, order)
         u_projections, v_projections = in_batch_order(augmented.projections, order)
-        finite = torch.isfinite(batch.s_new).all((-2, -1)) & in_batch_order(augmented.finite, order)[0] \
+        finite = (
+            torch.isfinite(batch.s_new).all((-2, -1))
+            & in_batch_order(augmented.finite, order)[0]
             & in_batch_order(augmented.finite, order)[1]
+        )
         step, tangent_sq = self._step_size(batch, (u_projections, v_projections), (u_valid, v_valid), ranks, group)
         s = u_factor @ batch.s_new @ v_factor.mT  # S in the augmented bases
         s = augmented_coefficients(s, u_projections, v_projections.mT, ranks, widths, step)
@@ -290,46 +318,9 @@ class GeoLoRAOptimizer(torch.optim.Optimizer):
         P, sigma, Q_t = torch.linalg.svd(s + nudge * matched_identity(u_valid, v_valid).to(s.dtype))
         sigma = torch.where(sigma > 2 * nudge.view(-1, 1), sigma, 0.0)
         capacity = torch.minimum(u_valid.sum(-1), v_valid.sum(-1))
-        return _Decomposed(batch, stacked, augmented, u_factor, v_factor, P, sigma, Q_t.mT, capacity,
-                           tangent_sq, finite)
-
-    def _decide(self, batches: list[_Batch], decomposed: list[_Decomposed], others: list[tuple[str, torch.Tensor]],
-                others_finite: torch.Tensor | None) -> list[int]:
-        """New ranks for every layer of an adapting step (none otherwise) and the finiteness of every
-        gradient, in one transfer to the host; raises ``FloatingPointError`` for a non-finite one."""
-        if decomposed:
-            finite = [d.finite for d in decomposed]
-        else:
-            finite = [torch.isfinite(b.s_new).all((-2, -1)) & torch.isfinite(b.grad_s).all((-2, -1)) for b in batches]
-        names = [name for b in batches for name in b.plan.names] + [name for name, _ in others]
-        flags = torch.cat(finite + ([others_finite] if others_finite is not None else []))
-        new_ranks: list[int] = []
-        if self.rank_budget is not None and decomposed:
-            layers = [layer for d in decomposed for layer in d.batch.plan.layers]
-            # Per layer: its singular values, then its capacity; batches may differ in R.
-            rows = [torch.cat([d.sigma, d.capacity.unsqueeze(-1).to(d.sigma.dtype)], -1) for d in decomposed]
-            flat = torch.cat([row.flatten() for row in rows] + [flags]).double().cpu()  # the one host sync
-            *chunks, host_flags = flat.split([row.numel() for row in rows] + [flags.numel()])
-            host_flags = host_flags.bool().tolist()
-            rows = [row for chunk, d in zip(chunks, decomposed) for row in chunk.view(len(d.batch.plan.layers), -1)]
-            if all(host_flags):
-                ranks = [r for d in decomposed for r in d.batch.ranks]
-                lengths = [min(2 * r, layer.max_rank, int(row[-1])) for r, layer, row in zip(ranks, layers, rows)]
-                new_ranks = budget_ranks([row[:n] for row, n in zip(rows, lengths)], self.rank_budget,
-                                         [l.min_rank for l in layers], [l.max_rank for l in layers])
-        else:  # one config per model: tau and the rank limits are those of the batch's first layer
-            ranks = [torch.minimum(truncation_ranks(d.sigma, d.batch.plan.layers[0].tau,
-                                                    d.batch.plan.layers[0].min_rank,
-                                                    d.batch.plan.layers[0].max_rank), d.capacity)
-                     for d in decomposed]
-            values = torch.cat(ranks + [flags.long()]).tolist()  # the sync
-            new_ranks, host_flags = values[:len(values) - flags.numel()], values[len(values) - flags.numel():]
-        bad = [name for name, ok in zip(names, host_flags) if not ok]
-        if bad:
-            raise FloatingPointError(f"non-finite gradient in {', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''}: "
-                                     "the step was not applied (parameters, moments and step counts unchanged); "
-                                     "lower the learning rate, clip the gradients or train with a GradScaler")
-        return new_ranks
+        return _Decomposed(
+            batch, stacked, augmented, u_factor, v_factor, P, sigma, Q_t.mT, capacity, tangent_sq, finite
+        )
 
     def _commit_coefficients(self, batch: _Batch, s: torch.Tensor, moments: dict[str, torch.Tensor]) -> None:
         """Write a batch's new S and moments and count the step."""
@@ -344,14 +335,17 @@ class GeoLoRAOptimizer(torch.optim.Optimizer):
         start = 0
         for d in decomposed:
             members, sigma = d.batch.plan.layers, d.sigma
-            host_ranks = new_ranks[start:start + len(members)]
+            host_ranks = new_ranks[start : start + len(members)]
             start += len(members)
             keep = columns_in_use(torch.tensor(host_ranks, device=sigma.device), sigma.shape[-1]).to(sigma.dtype)
             # Rotations zero beyond the new rank (as the layers keep them).
             rotations = (torch.cat([d.P, d.Q]) * keep.repeat(2, 1).unsqueeze(-2))[d.batch.plan.order]
             d.augmented.product(rotations, out=d.stacked)  # into the layers' U and V
-            self._commit_coefficients(d.batch, torch.diag_embed(sigma * keep),
-                                      self._transported_moments(d, keep.unsqueeze(-1) * keep.unsqueeze(-2)))
+            self._commit_coefficients(
+                d.batch,
+                torch.diag_embed(sigma * keep),
+                self._transported_moments(d, keep.unsqueeze(-1) * keep.unsqueeze(-2)),
+            )
             if d.tangent_sq is not None:
                 stacked_sq, value = d.tangent_sq
                 stacked_sq.copy_(value)
@@ -370,6 +364,6 @@ class GeoLoRAOptimizer(torch.optim.Optimizer):
             first = d.u_factor @ moments["exp_avg"] @ d.v_factor.mT
             moments["exp_avg"] = transport_first_moment(first, d.P, d.Q) * block
         if "exp_avg_sq" in moments:
-            second = d.u_factor ** 2 @ moments["exp_avg_sq"] @ (d.v_factor ** 2).mT
+            second = d.u_factor**2 @ moments["exp_avg_sq"] @ (d.v_factor**2).mT
             moments["exp_avg_sq"] = transport_second_moment(second, d.P, d.Q) * block
         return moments

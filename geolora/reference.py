@@ -13,6 +13,7 @@ Per adapter ``W = alpha U S V^T`` of rank r (maximum R), from ``G_S = U.grad``-s
 4. keep the smallest rank with ``||sigma_tail|| <= tau ||sigma||`` in [min_rank, max_rank] (or the largest
    ``rank_budget`` singular values over all layers); rotate U, V, S and the S moments into the new bases.
 """
+
 from __future__ import annotations
 
 import torch
@@ -27,18 +28,25 @@ def _new_directions(basis, grad, width):
     p = grad - basis @ (basis.T @ grad)
     z, sigma, _ = torch.linalg.svd(p, full_matrices=False)
     z = z[:, sigma > noise_floor(grad.dtype) * grad.norm()][:, :width]
-    ubar = torch.linalg.qr(torch.cat([basis, z], 1)).Q[:, basis.shape[1]:]
+    ubar = torch.linalg.qr(torch.cat([basis, z], 1)).Q[:, basis.shape[1] :]
     return ubar, ubar.T @ grad
 
 
 class ReferenceStep:
     """``step()`` applies the GeoLoRA step to every adapter of ``model`` with a gradient."""
 
-    def __init__(self, model, lr, weight_decay=0.0, base_optimizer="adamw", betas=(0.9, 0.999), eps=1e-8,
-                 momentum=0.0):
+    def __init__(
+        self, model, lr, weight_decay=0.0, base_optimizer="adamw", betas=(0.9, 0.999), eps=1e-8, momentum=0.0
+    ):
         self.layers, self.config = [layer for _, layer in adapters(model)], config_of(model)
-        self.lr, self.wd, self.base, self.betas, self.eps, self.momentum = (lr, weight_decay, base_optimizer,
-                                                                          betas, eps, momentum)
+        self.lr, self.wd, self.base, self.betas, self.eps, self.momentum = (
+            lr,
+            weight_decay,
+            base_optimizer,
+            betas,
+            eps,
+            momentum,
+        )
         self.state, self.count = {layer: {} for layer in self.layers}, 0
 
     def _coefficient_step(self, s, g, st):
@@ -50,8 +58,8 @@ class ReferenceStep:
         (b1, b2), t = self.betas, st["step"]
         st["exp_avg"] = b1 * st.get("exp_avg", torch.zeros_like(s)) + (1 - b1) * g
         st["exp_avg_sq"] = b2 * st.get("exp_avg_sq", torch.zeros_like(s)) + (1 - b2) * g * g
-        denom = (st["exp_avg_sq"] / (1 - b2 ** t)).sqrt() + self.eps
-        return s * (1 - self.lr * self.wd) - self.lr / (1 - b1 ** t) * st["exp_avg"] / denom
+        denom = (st["exp_avg_sq"] / (1 - b2**t)).sqrt() + self.eps
+        return s * (1 - self.lr * self.wd) - self.lr / (1 - b1**t) * st["exp_avg"] / denom
 
     def _block_step(self, blocks, st):
         if self.base == "sgd":
@@ -71,8 +79,10 @@ class ReferenceStep:
             return ranks
         floors = [min(layer.min_rank, len(s)) for s, layer in zip(sigmas, layers)]
         caps = [max(min(layer.max_rank, len(s)), f) for s, layer, f in zip(sigmas, layers, floors)]
-        pool = sorted(((-float(v), i) for i, (s, f, c) in enumerate(zip(sigmas, floors, caps)) for v in s[f:c] if v > 0))
-        for _, i in pool[:max(self.config.rank_budget - sum(floors), 0)]:
+        pool = sorted(
+            ((-float(v), i) for i, (s, f, c) in enumerate(zip(sigmas, floors, caps)) for v in s[f:c] if v > 0)
+        )
+        for _, i in pool[: max(self.config.rank_budget - sum(floors), 0)]:
             floors[i] += 1
         return floors
 

@@ -1,5 +1,6 @@
 """Stacked storage for the batched step: which layers step together (plans), and tensors kept between
 steps that parameters and optimizer state are views of (buffers)."""
+
 from __future__ import annotations
 
 from typing import Callable, NamedTuple
@@ -30,8 +31,9 @@ def _key(role: str, item_shape: tuple, like: torch.Tensor) -> tuple:
 def _are_views(tensors: list[torch.Tensor], stacked: torch.Tensor) -> bool:
     """Whether each ``tensors[i]`` lies where ``stacked[i]`` does (same shape assumed)."""
     start, stride = stacked.data_ptr(), stacked.stride(0) * stacked.element_size()
-    return stacked.shape[0] == len(tensors) and all(t is not None and t.data_ptr() == start + i * stride
-                                                    for i, t in enumerate(tensors))
+    return stacked.shape[0] == len(tensors) and all(
+        t is not None and t.data_ptr() == start + i * stride for i, t in enumerate(tensors)
+    )
 
 
 def in_batch_order(values: torch.Tensor, order: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -53,10 +55,15 @@ def make_plans(layers: list[GeoLoRALinear], names: list[str], factors: list[list
         for position, basis in enumerate(bases):
             by_shape.setdefault(basis.shape, []).append(position)
         order = [p for positions in by_shape.values() for p in positions]
-        plans.append(Plan([layers[i] for i in members], [names[i] for i in members],
-                           [factors[i][1] for i in members],
-                           [[bases[p] for p in positions] for positions in by_shape.values()],
-                           torch.tensor(order, device=bases[0].device)))
+        plans.append(
+            Plan(
+                [layers[i] for i in members],
+                [names[i] for i in members],
+                [factors[i][1] for i in members],
+                [[bases[p] for p in positions] for positions in by_shape.values()],
+                torch.tensor(order, device=bases[0].device),
+            )
+        )
     return plans
 
 
@@ -81,8 +88,9 @@ class Buffers:
             self.tensors[key] = torch.empty(shape, dtype=like.dtype, device=like.device)
         return self.tensors[key]
 
-    def stacked(self, role: str, tensors: list[torch.Tensor], rebind: Callable[[int, torch.Tensor], None]
-                ) -> torch.Tensor:
+    def stacked(
+        self, role: str, tensors: list[torch.Tensor], rebind: Callable[[int, torch.Tensor], None]
+    ) -> torch.Tensor:
         """The stacked tensor that ``tensors`` are views of, so batched work reads and writes them in
         place. Made wherever they are not its views (the first step, after the model was moved or
         cast, or when the stepped layers change), then ``rebind(i, view)`` makes item i a view."""

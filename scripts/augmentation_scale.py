@@ -16,6 +16,7 @@ entry in one basis, so the step would depend on the basis.
     python scripts/augmentation_scale.py              # one-step scenario + short offline runs (~12 min)
     python scripts/augmentation_scale.py --no-train   # the one-step scenario alone (seconds)
 """
+
 from __future__ import annotations
 
 import argparse
@@ -75,16 +76,19 @@ def one_step_norms(candidate, ratios=(1e-1, 1e-2, 1e-3, 1e-4, 0.0), lr=1e-3, ran
     norms = []
     for ratio in ratios:
         torch.manual_seed(0)
-        model = geolora.inject(nn.Sequential(nn.Linear(n, n, bias=False)), geolora.GeoLoRAConfig(
-            target_modules=["0"], init_rank=rank, max_rank=16, tau=0.0))
+        model = geolora.inject(
+            nn.Sequential(nn.Linear(n, n, bias=False)),
+            geolora.GeoLoRAConfig(target_modules=["0"], init_rank=rank, max_rank=16, tau=0.0),
+        )
         layer = model[0]
         g = torch.Generator().manual_seed(0)
         u, v = layer.u.detach(), layer.v.detach()
         outside = (torch.eye(n) - u @ u.T) @ torch.randn(n, n, generator=g) @ v @ v.T
         inside = u @ torch.randn(rank, rank, generator=g) @ v.T
         grad = outside / outside.norm() + ratio * inside / inside.norm()
-        pad = lambda t: nn.functional.pad(t, (0, layer.max_rank - t.shape[1]))
-        layer.U.grad, layer.V.grad = pad(grad @ v), pad(grad.T @ u)
+        layer.U.grad, layer.V.grad = (
+            nn.functional.pad(t, (0, layer.max_rank - t.shape[1])) for t in (grad @ v, grad.T @ u)
+        )
         layer.S.grad = nn.functional.pad(u.T @ grad @ v, (0, layer.max_rank - rank, 0, layer.max_rank - rank))
         candidate(model, lr=lr).step()
         norms.append(layer.delta_weight().norm().item())
@@ -99,9 +103,18 @@ def offline_run(candidate, lr: float, budget: int, seed: int) -> dict:
     from experiments.train import train
 
     register()
-    overrides = ["method=geolora", "logger=none", "progress=false", "task.max_train_samples=2000",
-                 "trainer.epochs=1", f"trainer.lr={lr}", f"method.rank_budget={budget}", "method.init_rank=8",
-                 "method.max_rank=16", f"seed={seed}"]
+    overrides = [
+        "method=geolora",
+        "logger=none",
+        "progress=false",
+        "task.max_train_samples=2000",
+        "trainer.epochs=1",
+        f"trainer.lr={lr}",
+        f"method.rank_budget={budget}",
+        "method.init_rank=8",
+        "method.max_rank=16",
+        f"seed={seed}",
+    ]
     with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
         cfg = compose("config", overrides=overrides)
     original, geolora.GeoLoRAOptimizer = geolora.GeoLoRAOptimizer, candidate
@@ -110,8 +123,11 @@ def offline_run(candidate, lr: float, budget: int, seed: int) -> dict:
             summary = train(cfg, run_dir)
     finally:
         geolora.GeoLoRAOptimizer = original
-    return {"accuracy": summary["final"].get(summary["main_metric"]), "status": summary["status"],
-            "total_rank": sum(summary["ranks_final"].values())}
+    return {
+        "accuracy": summary["final"].get(summary["main_metric"]),
+        "status": summary["status"],
+        "total_rank": sum(summary["ranks_final"].values()),
+    }
 
 
 def main() -> None:
@@ -123,8 +139,10 @@ def main() -> None:
     args = parser.parse_args()
     results = {"one_step_norm": {}, "offline": {}}
     lora = 2.0 * 1e-3 * math.sqrt(64 * 8) * math.sqrt(1 / 3)  # LoRA's first AdamW step, about: scale lr sqrt(n r) |a|
-    print(f"||dW|| after one AdamW step (lr 1e-3) for ||G_S||/||G_K|| = 0.1, 1e-2, 1e-3, 1e-4, 0 "
-          f"(LoRA's first step: about {lora:.3f})")
+    print(
+        f"||dW|| after one AdamW step (lr 1e-3) for ||G_S||/||G_K|| = 0.1, 1e-2, 1e-3, 1e-4, 0 "
+        f"(LoRA's first step: about {lora:.3f})"
+    )
     for name, candidate in CANDIDATES.items():
         results["one_step_norm"][name] = norms = one_step_norms(candidate)
         print(f"  {name:10s} " + "  ".join(f"{v:.3g}" for v in norms))
@@ -132,7 +150,9 @@ def main() -> None:
         print(f"offline robustness setting, rank budget {args.budget}, seed 0: final accuracy (total rank)")
         for lr in (float(v) for v in args.lrs.split(",")):
             for name, candidate in CANDIDATES.items():
-                run = results["offline"].setdefault(f"lr={lr:g}", {})[name] = offline_run(candidate, lr, args.budget, 0)
+                run = results["offline"].setdefault(f"lr={lr:g}", {})[name] = offline_run(
+                    candidate, lr, args.budget, 0
+                )
                 print(f"  lr {lr:g} {name:10s} {run['accuracy']} ({run['total_rank']}, {run['status']})")
     Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
 

@@ -11,8 +11,10 @@ trainable parameters in use; then the ratios GeoLoRA/LoRA and GeoLoRA/AdaLoRA.
 
 Weights are random (built from a config, no download): the timing depends on shapes only.
 Peak memory on CPU is the peak RSS (VmHWM, reset after the model is built) of a separate process per
-method minus its RSS after building the model (so methods do not see each other's allocations); on GPU max_memory_allocated.
+method minus its RSS after building the model (so methods do not see each other's allocations); on GPU
+max_memory_allocated.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -37,8 +39,12 @@ GEOMETRIES = {
     "tiny": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64),  # tests
 }
 METHODS = ["frozen", "lora", "adalora", "geolora", "geolora_c10"]
-MODEL = ModelConfig(name="deberta-v3 (random weights)", name_or_path="none", target_modules=TARGETS,
-                    modules_to_save=["classifier", "pooler"])
+MODEL = ModelConfig(
+    name="deberta-v3 (random weights)",
+    name_or_path="none",
+    target_modules=TARGETS,
+    modules_to_save=["classifier", "pooler"],
+)
 TRAINER = TrainerConfig(lr=1e-4, weight_decay=0.01)  # torch AdamW's default weight decay, for every method
 
 
@@ -46,10 +52,21 @@ def build_model(geometry: str, device: torch.device, seed: int = 0) -> torch.nn.
     from transformers import DebertaV2Config, DebertaV2ForSequenceClassification
 
     torch.manual_seed(seed)
-    config = DebertaV2Config(vocab_size=128100, max_position_embeddings=512, relative_attention=True,
-                             position_buckets=256, pos_att_type=["p2c", "c2p"], norm_rel_ebd="layer_norm",
-                             share_att_key=True, max_relative_positions=-1, type_vocab_size=0, num_labels=2,
-                             hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, **GEOMETRIES[geometry])
+    config = DebertaV2Config(
+        vocab_size=128100,
+        max_position_embeddings=512,
+        relative_attention=True,
+        position_buckets=256,
+        pos_att_type=["p2c", "c2p"],
+        norm_rel_ebd="layer_norm",
+        share_att_key=True,
+        max_relative_positions=-1,
+        type_vocab_size=0,
+        num_labels=2,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+        **GEOMETRIES[geometry],
+    )
     return DebertaV2ForSequenceClassification(config).to(device)
 
 
@@ -58,10 +75,23 @@ def method_config(method: str, args) -> MethodConfig:
     if method == "lora":
         return MethodConfig(name=MethodName.lora, r=args.rank, alpha=2 * args.rank)
     if method == "adalora":  # a long run: importance scores every step, masks every deltaT steps
-        return MethodConfig(name=MethodName.adalora, init_rank=args.rank, target_r=max(1, args.rank // 2), tinit=0,
-                            tfinal=1000, delta_t=10, alpha=2 * args.rank)
-    return MethodConfig(name=MethodName.geolora, init_rank=args.rank, max_rank=2 * args.rank, min_rank=2,
-                        tau=args.tau, coefficient_steps=10 if method == "geolora_c10" else 0)
+        return MethodConfig(
+            name=MethodName.adalora,
+            init_rank=args.rank,
+            target_r=max(1, args.rank // 2),
+            tinit=0,
+            tfinal=1000,
+            delta_t=10,
+            alpha=2 * args.rank,
+        )
+    return MethodConfig(
+        name=MethodName.geolora,
+        init_rank=args.rank,
+        max_rank=2 * args.rank,
+        min_rank=2,
+        tau=args.tau,
+        coefficient_steps=10 if method == "geolora_c10" else 0,
+    )
 
 
 class Runner:
@@ -80,15 +110,17 @@ class Runner:
             self.optimizer = None
             self.trainable = lambda: 0
         else:
-            adapted = adapt(model, MODEL, method_config(method, args), TRAINER, total_steps=10 ** 6)
+            adapted = adapt(model, MODEL, method_config(method, args), TRAINER, total_steps=10**6)
             model, self.optimizer, self.after = adapted.model, adapted.optimizer, adapted.after_step
             self.trainable = adapted.trainable
             if method.startswith("geolora"):
                 self.ranks = adapted.ranks
         self.model = model.train()
         g = torch.Generator().manual_seed(1)
-        self.batch = {"input_ids": torch.randint(0, 128100, (args.batch, args.seq), generator=g).to(device),
-                      "labels": torch.randint(0, 2, (args.batch,), generator=g).to(device)}
+        self.batch = {
+            "input_ids": torch.randint(0, 128100, (args.batch, args.seq), generator=g).to(device),
+            "labels": torch.randint(0, 2, (args.batch,), generator=g).to(device),
+        }
         self.steps = 0
 
     def _sync(self) -> None:
@@ -138,7 +170,7 @@ def measure_memory(method: str, args) -> float:
         base = torch.cuda.memory_allocated(device)
         for _ in range(3):
             runner.step()
-        return (torch.cuda.max_memory_allocated(device) - base) / 2 ** 20
+        return (torch.cuda.max_memory_allocated(device) - base) / 2**20
     base = _status_mb("VmRSS")
     reset_peak_rss()
     for _ in range(3):
@@ -147,9 +179,27 @@ def measure_memory(method: str, args) -> float:
 
 
 def memory_in_subprocess(method: str, args) -> float:
-    cmd = [sys.executable, __file__, "--memory-of", method, "--geometry", args.geometry, "--batch", str(args.batch),
-           "--seq", str(args.seq), "--rank", str(args.rank), "--tau", str(args.tau), "--device", args.device]
-    out = subprocess.run(cmd, capture_output=True, text=True, check=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    cmd = [
+        sys.executable,
+        __file__,
+        "--memory-of",
+        method,
+        "--geometry",
+        args.geometry,
+        "--batch",
+        str(args.batch),
+        "--seq",
+        str(args.seq),
+        "--rank",
+        str(args.rank),
+        "--tau",
+        str(args.tau),
+        "--device",
+        args.device,
+    ]
+    out = subprocess.run(
+        cmd, capture_output=True, text=True, check=True, env={**os.environ, "PYTHONWARNINGS": "ignore"}
+    )
     return float(out.stdout.strip().splitlines()[-1])
 
 
@@ -167,8 +217,13 @@ def main() -> None:
     parser.add_argument("--tau", type=float, default=0.15)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--reps", type=int, default=15, help="interleaved rounds")
-    parser.add_argument("--steps", type=int, default=1, help="timed steps per method per round (1: finest "
-                        "interleaving, so drifts in machine load hit every method alike)")
+    parser.add_argument(
+        "--steps",
+        type=int,
+        default=1,
+        help="timed steps per method per round (1: finest "
+        "interleaving, so drifts in machine load hit every method alike)",
+    )
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--out", default="results/bench")
     parser.add_argument("--memory-of", help=argparse.SUPPRESS)
@@ -194,8 +249,12 @@ def main() -> None:
     rows = {}
     for m, runner in runners.items():
         ranks = runner.ranks()
-        rows[m] = {"iteration_ms": ms(totals[m]), "update_ms": ms(updates[m]), "trainable_params": runner.trainable(),
-                   "mean_rank": statistics.mean(ranks.values()) if ranks else None}
+        rows[m] = {
+            "iteration_ms": ms(totals[m]),
+            "update_ms": ms(updates[m]),
+            "trainable_params": runner.trainable(),
+            "mean_rank": statistics.mean(ranks.values()) if ranks else None,
+        }
     del runners
     for m in methods:
         rows[m]["peak_memory_mb"] = memory_in_subprocess(m, args)
@@ -204,8 +263,10 @@ def main() -> None:
 
 def report(rows: dict, args) -> None:
     device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU ({os.cpu_count()} cores)"
-    setting = (f"DeBERTa-v3 {args.geometry} geometry, batch {args.batch} x {args.seq}, {args.device}, "
-               f"init rank {args.rank}, {torch.get_num_threads()} threads, {device_name}")
+    setting = (
+        f"DeBERTa-v3 {args.geometry} geometry, batch {args.batch} x {args.seq}, {args.device}, "
+        f"init rank {args.rank}, {torch.get_num_threads()} threads, {device_name}"
+    )
     ratios = {}
     it = {m: r["iteration_ms"]["median"] for m, r in rows.items()}
     up = {m: r["update_ms"]["median"] for m, r in rows.items()}
@@ -220,17 +281,25 @@ def report(rows: dict, args) -> None:
     out.mkdir(parents=True, exist_ok=True)
     name = f"step_time_{args.geometry}_{args.device.split(':')[0]}"
     (out / f"{name}.json").write_text(json.dumps({"setting": setting, "methods": rows, "ratios": ratios}, indent=2))
-    lines = [f"**{setting}**", "",
-             "| method | iteration ms (median / min / max) | update ms (median) | peak memory MiB | trainable params | mean rank |",
-             "|---|---|---|---|---|---|"]
+    lines = [
+        f"**{setting}**",
+        "",
+        "| method | iteration ms (median / min / max) | update ms (median) | peak memory MiB | trainable params "
+        "| mean rank |",
+        "|---|---|---|---|---|---|",
+    ]
     for m, r in rows.items():
         i = r["iteration_ms"]
         rank = f"{r['mean_rank']:.1f}" if r["mean_rank"] is not None else "—"
-        lines.append(f"| {m} | {i['median']:.1f} / {i['min']:.1f} / {i['max']:.1f} | {r['update_ms']['median']:.1f} | "
-                     f"{r['peak_memory_mb']:.0f} | {r['trainable_params']:,} | {rank} |")
-    lines += ["", "| ratio | value |", "|---|---|"] + [f"| {k} | {v:.3f} |" for k, v in ratios.items() if v is not None]
+        lines.append(
+            f"| {m} | {i['median']:.1f} / {i['min']:.1f} / {i['max']:.1f} | {r['update_ms']['median']:.1f} | "
+            f"{r['peak_memory_mb']:.0f} | {r['trainable_params']:,} | {rank} |"
+        )
+    lines += ["", "| ratio | value |", "|---|---|"] + [
+        f"| {k} | {v:.3f} |" for k, v in ratios.items() if v is not None
+    ]
     (out / f"{name}.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines[:len(rows) + 4]))
+    print("\n".join(lines[: len(rows) + 4]))
     print("\nratios (GeoLoRA over peers; < 1 is faster / smaller):")
     for k, v in ratios.items():
         print(f"  {k:36s} {v:.3f}" if v is not None else f"  {k:36s} n/a")

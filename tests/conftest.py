@@ -1,4 +1,5 @@
 """Tiny models and problems shared by the tests. Nothing here touches a network."""
+
 from __future__ import annotations
 
 import os
@@ -46,11 +47,21 @@ def tiny_deberta(seed: int = 0, num_labels: int = 3):
     from transformers import DebertaV2Config, DebertaV2ForSequenceClassification
 
     torch.manual_seed(seed)
-    config = DebertaV2Config(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                             intermediate_size=48, max_position_embeddings=64, num_labels=num_labels,
-                             pooler_hidden_size=32, relative_attention=True, position_buckets=16,
-                             pos_att_type=["p2c", "c2p"], hidden_dropout_prob=0.0,
-                             attention_probs_dropout_prob=0.0)
+    config = DebertaV2Config(
+        vocab_size=64,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=48,
+        max_position_embeddings=64,
+        num_labels=num_labels,
+        pooler_hidden_size=32,
+        relative_attention=True,
+        position_buckets=16,
+        pos_att_type=["p2c", "c2p"],
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
     return DebertaV2ForSequenceClassification(config).eval()
 
 
@@ -58,17 +69,26 @@ DEBERTA_TARGETS = ["query_proj", "key_proj", "value_proj", "intermediate.dense",
 
 
 def deberta_config(**overrides) -> geolora.GeoLoRAConfig:
-    values = dict(target_modules=DEBERTA_TARGETS, init_rank=4, max_rank=8, min_rank=1, tau=0.2,
-                  alpha=1.0, modules_to_save=["classifier"])
+    values = dict(
+        target_modules=DEBERTA_TARGETS,
+        init_rank=4,
+        max_rank=8,
+        min_rank=1,
+        tau=0.2,
+        alpha=1.0,
+        modules_to_save=["classifier"],
+    )
     return geolora.GeoLoRAConfig(**{**values, **overrides})
 
 
 @pytest.fixture
 def batch():
     g = torch.Generator().manual_seed(3)
-    return {"input_ids": torch.randint(0, 64, (4, 12), generator=g),
-            "attention_mask": torch.ones(4, 12, dtype=torch.long),
-            "labels": torch.randint(0, 3, (4,), generator=g)}
+    return {
+        "input_ids": torch.randint(0, 64, (4, 12), generator=g),
+        "attention_mask": torch.ones(4, 12, dtype=torch.long),
+        "labels": torch.randint(0, 3, (4,), generator=g),
+    }
 
 
 def train_steps(model: nn.Module, optimizer: torch.optim.Optimizer, batch: dict, steps: int) -> None:

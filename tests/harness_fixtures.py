@@ -1,4 +1,5 @@
 """Tiny local models and GLUE-format data for the harness tests, built on the spot (no download)."""
+
 from __future__ import annotations
 
 import csv
@@ -7,8 +8,10 @@ from pathlib import Path
 
 import torch
 
-WORDS = ("the a movie film plot actor story good bad great awful boring fun dull bright dark long short "
-         "cat dog runs sits is was not very quite rather man woman city house").split()
+WORDS = (
+    "the a movie film plot actor story good bad great awful boring fun dull bright dark long short "
+    "cat dog runs sits is was not very quite rather man woman city house"
+).split()
 
 
 def tiny_tokenizer():
@@ -20,10 +23,13 @@ def tiny_tokenizer():
     tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     tok.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
-        special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]",
-                                   cls_token="[CLS]", sep_token="[SEP]")
+        single="[CLS] $A [SEP]",
+        pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])],
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]", sep_token="[SEP]"
+    )
 
 
 def tiny_deberta_dir(path: Path) -> Path:
@@ -32,10 +38,19 @@ def tiny_deberta_dir(path: Path) -> Path:
 
     torch.manual_seed(0)
     tokenizer = tiny_tokenizer()
-    config = DebertaV2Config(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                             intermediate_size=48, max_position_embeddings=64, pooler_hidden_size=32,
-                             relative_attention=True, position_buckets=16, pos_att_type=["p2c", "c2p"],
-                             type_vocab_size=2)
+    config = DebertaV2Config(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=48,
+        max_position_embeddings=64,
+        pooler_hidden_size=32,
+        relative_attention=True,
+        position_buckets=16,
+        pos_att_type=["p2c", "c2p"],
+        type_vocab_size=2,
+    )
     DebertaV2Model(config).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
@@ -46,8 +61,16 @@ def tiny_bert_dir(path: Path) -> Path:
 
     torch.manual_seed(0)
     tokenizer = tiny_tokenizer()
-    BertModel(BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                         intermediate_size=48, max_position_embeddings=64)).save_pretrained(path)
+    BertModel(
+        BertConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=48,
+            max_position_embeddings=64,
+        )
+    ).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
 
@@ -56,8 +79,16 @@ def tiny_vit_dir(path: Path) -> Path:
     from transformers import ViTConfig, ViTModel
 
     torch.manual_seed(0)
-    ViTModel(ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                       intermediate_size=48)).save_pretrained(path)
+    ViTModel(
+        ViTConfig(
+            image_size=32,
+            patch_size=8,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=48,
+        )
+    ).save_pretrained(path)
     return path
 
 
@@ -65,8 +96,15 @@ def _sentence(rng: random.Random) -> str:
     return " ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 9)))
 
 
-def write_text_task(path: Path, text_keys: list[str], num_labels: int, label_names: list[str],
-                    splits: list[str], rows: int = 48, seed: int = 0) -> Path:
+def write_text_task(
+    path: Path,
+    text_keys: list[str],
+    num_labels: int,
+    label_names: list[str],
+    splits: list[str],
+    rows: int = 48,
+    seed: int = 0,
+) -> Path:
     """GLUE-format TSV files (``index``, text columns, ``label``) for every split."""
     rng = random.Random(seed)
     path.mkdir(parents=True, exist_ok=True)

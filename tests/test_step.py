@@ -1,14 +1,14 @@
 """The paper's theory as properties of GeoLoRAOptimizer (arXiv 2410.18720, Sections 4-5)."""
+
 import copy
 
 import pytest
 import torch
+from conftest import adapted_linear, least_squares, mse
 from torch import nn
 
 import geolora
 from geolora.linalg import random_orthonormal
-
-from conftest import adapted_linear, least_squares, mse
 
 
 def _tangent_projection(u: torch.Tensor, v: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
@@ -30,9 +30,11 @@ def _set_random_factors(layer, rank: int, seed: int = 5) -> None:
     g = torch.Generator().manual_seed(seed)
     n_out, n_in = layer.base.out_features, layer.base.in_features
     dtype = layer.U.dtype
-    layer.set_factors(random_orthonormal(n_out, rank, dtype=dtype, generator=g),
-                      torch.randn(rank, rank, generator=g, dtype=dtype),
-                      random_orthonormal(n_in, rank, dtype=dtype, generator=g))
+    layer.set_factors(
+        random_orthonormal(n_out, rank, dtype=dtype, generator=g),
+        torch.randn(rank, rank, generator=g, dtype=dtype),
+        random_orthonormal(n_in, rank, dtype=dtype, generator=g),
+    )
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-6), (torch.float32, 1e-5)])
@@ -75,8 +77,9 @@ def test_first_step_from_zero_coefficients_follows_true_gradients():
 def test_bases_stay_orthonormal_over_hundreds_of_steps():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(24, 40), nn.Tanh(), nn.Linear(40, 8))
-    geolora.inject(model, geolora.GeoLoRAConfig(target_modules=["0", "2"], init_rank=2, max_rank=12,
-                                                min_rank=1, tau=0.1))
+    geolora.inject(
+        model, geolora.GeoLoRAConfig(target_modules=["0", "2"], init_rank=2, max_rank=12, min_rank=1, tau=0.1)
+    )
     opt = geolora.GeoLoRAOptimizer(model, lr=3e-2, weight_decay=0.01)
     x, y = torch.randn(128, 24), torch.randn(128, 8)
     for _ in range(300):
@@ -165,7 +168,9 @@ def test_truncation_keeps_the_function_continuous():
     layer = model[0]
     g = torch.Generator().manual_seed(0)
     sigma = torch.tensor([5.0, 3.0, 2.0, 1e-4, 0.0, 0.0])
-    layer.set_factors(random_orthonormal(32, 6, generator=g), torch.diag(sigma), random_orthonormal(32, 6, generator=g))
+    layer.set_factors(
+        random_orthonormal(32, 6, generator=g), torch.diag(sigma), random_orthonormal(32, 6, generator=g)
+    )
     before = model(x).detach()
     opt = geolora.GeoLoRAOptimizer(model, lr=0.0)
     model(x).sum().backward()
@@ -194,8 +199,12 @@ def test_coefficient_steps_only_move_s_between_adaptations():
 def test_global_rank_budget_caps_total_rank():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 4))
-    geolora.inject(model, geolora.GeoLoRAConfig(target_modules=["0", "2", "4"], init_rank=4, max_rank=8,
-                                                min_rank=1, tau=0.0, rank_budget=6))
+    geolora.inject(
+        model,
+        geolora.GeoLoRAConfig(
+            target_modules=["0", "2", "4"], init_rank=4, max_rank=8, min_rank=1, tau=0.0, rank_budget=6
+        ),
+    )
     opt = geolora.GeoLoRAOptimizer(model, lr=0.05)
     x, y = torch.randn(64, 16), torch.randn(64, 4)
     for _ in range(5):
@@ -319,7 +328,8 @@ def test_a_layer_can_sit_out_a_step_and_rejoin():
             before = model[sitting_out].delta_weight().clone()
         opt.step()
         opt.zero_grad()
-        buffers = len(opt._buffers) if step == 0 else buffers
+        if step == 0:
+            buffers = len(opt._buffers)
         if sitting_out is not None:
             assert torch.equal(model[sitting_out].delta_weight(), before)
     assert len(opt._buffers) == buffers

@@ -1,5 +1,6 @@
 """What the step guarantees beyond the theory: exact for rank-deficient gradients, bounded with AdamW,
 atomic on non-finite gradients, correct after a cast, and PyTorch's own gradient semantics."""
+
 import copy
 import math
 
@@ -15,12 +16,16 @@ def _random_layer(seed, n, rank, dtype, max_rank=16, tau=0.0):
     torch.manual_seed(seed)
     linear = nn.Linear(n, n, bias=False).to(dtype)
     nn.init.zeros_(linear.weight)
-    model = geolora.inject(nn.Sequential(linear), geolora.GeoLoRAConfig(
-        target_modules=["0"], init_rank=rank, max_rank=max_rank, min_rank=1, tau=tau))
+    model = geolora.inject(
+        nn.Sequential(linear),
+        geolora.GeoLoRAConfig(target_modules=["0"], init_rank=rank, max_rank=max_rank, min_rank=1, tau=tau),
+    )
     g = torch.Generator().manual_seed(seed)
-    model[0].set_factors(random_orthonormal(n, rank, generator=g, dtype=dtype),
-                         torch.randn(rank, rank, generator=g, dtype=dtype),
-                         random_orthonormal(n, rank, generator=g, dtype=dtype))
+    model[0].set_factors(
+        random_orthonormal(n, rank, generator=g, dtype=dtype),
+        torch.randn(rank, rank, generator=g, dtype=dtype),
+        random_orthonormal(n, rank, generator=g, dtype=dtype),
+    )
     return model, g
 
 
@@ -69,7 +74,10 @@ def _gradient_with_ratio(layer, ratio, seed=0):
 
 def _set_gradients(layer, grad_w):
     r, big = layer.rank, layer.max_rank
-    pad = lambda t: nn.functional.pad(t, (0, big - t.shape[1]))
+
+    def pad(t):
+        return nn.functional.pad(t, (0, big - t.shape[1]))
+
     layer.U.grad = pad(grad_w @ layer.v.detach())  # G_K
     layer.V.grad = pad(grad_w.T @ layer.u.detach())  # G_L
     layer.S.grad = nn.functional.pad(layer.u.detach().T @ grad_w @ layer.v.detach(), (0, big - r, 0, big - r))
@@ -81,14 +89,16 @@ def test_adamw_augmentation_enters_at_adams_scale_whatever_the_gradient_split(ra
     the blocks h B have ||h B||^2 <= lr^2 (r^2 + 2 a r) (h normalises the whole tangent gradient), so
     ||dW|| <= alpha lr sqrt(2 r^2 + 2 a r), within a small factor of LoRA's first AdamW step."""
     lr, rank, n = 1e-3, 4, 64
-    model = geolora.inject(nn.Sequential(nn.Linear(n, n, bias=False)),
-                           geolora.GeoLoRAConfig(target_modules=["0"], init_rank=rank, max_rank=16, tau=0.0))
+    model = geolora.inject(
+        nn.Sequential(nn.Linear(n, n, bias=False)),
+        geolora.GeoLoRAConfig(target_modules=["0"], init_rank=rank, max_rank=16, tau=0.0),
+    )
     layer = model[0]
     grad_w = _gradient_with_ratio(layer, ratio)
     _set_gradients(layer, grad_w)
     geolora.GeoLoRAOptimizer(model, lr=lr).step()
     geo = layer.delta_weight().norm().item()
-    assert geo <= lr * math.sqrt(2 * rank ** 2 + 2 * rank * rank) * (1 + 1e-4)
+    assert geo <= lr * math.sqrt(2 * rank**2 + 2 * rank * rank) * (1 + 1e-4)
     # LoRA (B = 0, A Kaiming-uniform as peft makes it, scale 2): the first AdamW step is -lr sign(dL/dB).
     torch.manual_seed(0)
     a = nn.init.kaiming_uniform_(torch.empty(8, n), a=math.sqrt(5))
@@ -99,14 +109,23 @@ def test_adamw_augmentation_enters_at_adams_scale_whatever_the_gradient_split(ra
 def _classifier(seed=0, coefficient_steps=0):
     torch.manual_seed(seed)
     model = nn.Sequential(nn.Linear(12, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 3))
-    return geolora.inject(model, geolora.GeoLoRAConfig(target_modules=["0", "2"], init_rank=3, max_rank=8,
-                                                       tau=0.1, modules_to_save=["4"],
-                                                       coefficient_steps=coefficient_steps))
+    return geolora.inject(
+        model,
+        geolora.GeoLoRAConfig(
+            target_modules=["0", "2"],
+            init_rank=3,
+            max_rank=8,
+            tau=0.1,
+            modules_to_save=["4"],
+            coefficient_steps=coefficient_steps,
+        ),
+    )
 
 
 def _snapshot(model, optimizer):
-    state = {id(p): {k: (v.clone() if torch.is_tensor(v) else v) for k, v in s.items()}
-             for p, s in optimizer.state.items()}
+    state = {
+        id(p): {k: (v.clone() if torch.is_tensor(v) else v) for k, v in s.items()} for p, s in optimizer.state.items()
+    }
     return [p.detach().clone() for p in model.parameters()], geolora.ranks(model), state
 
 
@@ -131,8 +150,11 @@ def test_a_non_finite_gradient_raises_and_changes_nothing(where, coefficient_ste
             assert before[2].keys() == after[2].keys()
             for key, state in before[2].items():
                 for name, value in state.items():
-                    assert torch.equal(value, after[2][key][name]) if torch.is_tensor(value) else \
-                        value == after[2][key][name]
+                    assert (
+                        torch.equal(value, after[2][key][name])
+                        if torch.is_tensor(value)
+                        else value == after[2][key][name]
+                    )
             optimizer.zero_grad()
             twin_optimizer = copy.deepcopy(optimizer.state_dict())
         else:
