@@ -100,20 +100,21 @@ TEXT_SUFFIXES = (".yaml", ".yml", ".json", ".jsonl", ".log", ".md", ".csv", ".tx
 
 
 def scrub_paths(folder: str | Path, root: str | Path) -> int:
-    """Make committed run folders machine-independent: the absolute path of ``root`` (the repository) becomes
-    ``.`` in every text file, and Hydra's ``.hydra/config.yaml`` / ``hydra.yaml`` copies (the run's own
-    ``config.yaml`` and ``.hydra/overrides.yaml`` stay) are removed. Returns the number of files changed."""
-    root, changed = str(Path(root).resolve()), 0
+    """Make committed run folders machine-independent: in every text file the absolute path of ``root`` (the
+    repository) becomes ``.`` and the home folder ``~``; Hydra's ``.hydra/config.yaml`` / ``hydra.yaml`` copies
+    are removed (the run's own ``config.yaml`` and ``.hydra/overrides.yaml`` stay). Returns the files changed."""
+    replacements = [(str(Path(root).resolve()), "."), (str(Path.home()), "~")]
+    changed = 0
     for path in sorted(Path(folder).rglob("*")):
         if path.parent.name == ".hydra" and path.name in ("config.yaml", "hydra.yaml"):
             path.unlink()
             changed += 1
         elif path.is_file() and path.suffix in TEXT_SUFFIXES:
-            text = path.read_text(encoding="utf-8", errors="surrogateescape")
-            if root in text:
-                path.write_text(
-                    text.replace(root + "/", "./").replace(root, "."), encoding="utf-8", errors="surrogateescape"
-                )
+            text = new = path.read_text(encoding="utf-8", errors="surrogateescape")
+            for absolute, short in replacements:
+                new = new.replace(absolute + "/", short + "/").replace(absolute, short)
+            if new != text:
+                path.write_text(new, encoding="utf-8", errors="surrogateescape")
                 changed += 1
     return changed
 
