@@ -10,28 +10,29 @@ LIBRARIES = ("transformers", "diffusers", "datasets", "peft", "huggingface_hub",
 
 
 def quiet_libraries(verbose: bool) -> None:
-    if verbose:
-        return
-    for name in LIBRARIES:
-        logging.getLogger(name).setLevel(logging.ERROR)
+    """Set the libraries' loggers, progress bars and deprecation warnings for this run (process-wide)."""
     import datasets
     import transformers
 
-    transformers.logging.set_verbosity_error()
-    transformers.logging.disable_progress_bar()
-    datasets.disable_progress_bars()
+    level = logging.WARNING if verbose else logging.ERROR
+    for name in LIBRARIES:
+        logging.getLogger(name).setLevel(level)
+    transformers.logging.set_verbosity(level)
+    (transformers.logging.enable_progress_bar if verbose else transformers.logging.disable_progress_bar)()
+    (datasets.enable_progress_bars if verbose else datasets.disable_progress_bars)()
     try:
         import diffusers
     except ImportError:  # only the DreamBooth family needs it
         pass
     else:
-        diffusers.logging.set_verbosity_error()
-        diffusers.logging.disable_progress_bar()
+        diffusers.logging.set_verbosity(level)
+        (diffusers.logging.enable_progress_bar if verbose else diffusers.logging.disable_progress_bar)()
+    action = "default" if verbose else "ignore"
     for category in (FutureWarning, DeprecationWarning):
-        warnings.filterwarnings("ignore", category=category)
+        warnings.filterwarnings(action, category=category)
     for module in (
         "transformers",
         "diffusers",
         "datasets",
     ):  # their advice on setups not ours ("not set in the config")
-        warnings.filterwarnings("ignore", category=UserWarning, module=module)
+        warnings.filterwarnings(action, category=UserWarning, module=module)

@@ -271,3 +271,14 @@ def _compose_timm(tmp_path, *extra):
                 *extra,
             ],
         )
+
+
+def test_console_is_quiet_unless_verbose(deberta_dir, rte_dir, tmp_path, capfd):
+    """The libraries' progress bars and warnings (here: loading the weights, mapping the data) show only verbose."""
+    train(smoke(deberta_dir, rte_dir, "glue/rte", "lora"), tmp_path / "quiet")
+    quiet = capfd.readouterr()
+    assert "Loading weights" not in quiet.err and "Map:" not in quiet.err and "Warning" not in quiet.err
+    train(smoke(deberta_dir, rte_dir, "glue/rte", "lora", "verbose=true"), tmp_path / "verbose")
+    assert "Loading weights" in capfd.readouterr().err
+    train(smoke(deberta_dir, rte_dir, "glue/rte", "lora"), tmp_path / "quiet-again")
+    assert "Loading weights" not in capfd.readouterr().err
