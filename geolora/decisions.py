@@ -17,7 +17,8 @@ def decide(
 ) -> list[int]:
     """New ranks for every layer of an adapting step (``decomposed``: the optimizer's batches after the augmented
     SVD; none on a coefficient-only step) by the tau rule or the global ``rank_budget``; raises
-    ``FloatingPointError`` naming the layers or parameters with a non-finite gradient."""
+    ``FloatingPointError`` naming the layers or parameters with a non-finite gradient (or an update too large for
+    the dtype)."""
     if decomposed:
         finite = [d.finite for d in decomposed]
     else:
@@ -54,8 +55,8 @@ def decide(
     bad = [name for name, ok in zip(names, host_flags) if not ok]
     if bad:
         raise FloatingPointError(
-            f"non-finite gradient in {', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''}: the step was not applied "
-            "(parameters, moments and step counts unchanged); lower the learning rate, clip the gradients or train "
-            "with a GradScaler"
+            f"non-finite gradient or update in {', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''}: the step was not "
+            "applied (parameters, moments and step counts unchanged); lower the learning rate, clip the gradients or "
+            "train with a GradScaler"
         )
     return new_ranks

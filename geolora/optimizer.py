@@ -310,11 +310,14 @@ class GeoLoRAOptimizer(torch.optim.Optimizer):
         step, tangent_sq = self._step_size(batch, (u_projections, v_projections), (u_valid, v_valid), ranks, group)
         s = u_factor @ batch.s_new @ v_factor.mT  # S in the augmented bases
         s = augmented_coefficients(s, u_projections, v_projections.mT, ranks, widths, step)
+        finite = finite & torch.isfinite(s).all((-2, -1))  # also a step too large for the dtype
         s = torch.where(finite.view(-1, 1, 1), s, 0.0)  # a non-finite layer is refused after the sync
         # Columns an augmented basis leaves out are zero. A partial identity between the columns in use,
         # at rounding size, makes the SVD put the singular vectors of zero singular values there (they
         # are kept when min_rank asks for more than the nonzero ones), never on a zero column.
-        nudge = 10 * torch.finfo(s.dtype).eps * (torch.linalg.matrix_norm(s) + 1e-20).view(-1, 1, 1)
+        norm = torch.linalg.matrix_norm(s)
+        norm = torch.where(torch.isfinite(norm), norm, torch.linalg.matrix_norm(s.double()).to(s.dtype))  # overflow
+        nudge = 10 * torch.finfo(s.dtype).eps * (norm + 1e-20).view(-1, 1, 1)
         P, sigma, Q_t = torch.linalg.svd(s + nudge * matched_identity(u_valid, v_valid).to(s.dtype))
         sigma = torch.where(sigma > 2 * nudge.view(-1, 1), sigma, 0.0)
         capacity = torch.minimum(u_valid.sum(-1), v_valid.sum(-1))
