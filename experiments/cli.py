@@ -45,6 +45,11 @@ def _report(func: Callable[[], Any]) -> Any:
             raise
         print(f"error: {condense(error)}", file=sys.stderr)
         sys.exit(2)
+    except PermissionError as error:  # e.g. a run folder that cannot be written
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        print(f"error: {error}; pick a writable folder (hydra.run.dir=..., hydra.sweep.dir=...)", file=sys.stderr)
+        sys.exit(2)
 
 
 def install_one_line_errors() -> None:

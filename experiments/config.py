@@ -155,6 +155,8 @@ class TrainerConfig:
     device: str = "auto"
     num_workers: int = 0
     threads: Optional[int] = None  # torch CPU threads; None = torch's default
+    checkpoint_every: Optional[int] = None  # steps; None: every epoch (and at the end); 0: never
+    max_bad_steps: int = 3  # steps in a row with a non-finite loss or gradient (not applied) before diverged
 
 
 @dataclass
@@ -179,6 +181,7 @@ class RunConfig:
     progress: bool = True
     verbose: bool = False  # the libraries' load reports, progress bars and deprecation warnings too
     skip_finished: bool = True  # a run folder whose summary says finished/diverged is not run again
+    resume: bool = True  # a run folder with a checkpoint resumes from it
 
 
 def register() -> None:
@@ -232,6 +235,13 @@ def validate(cfg: Any) -> None:
     _check(tr.lr > 0, f"trainer.lr must be > 0, got {tr.lr}")
     _check(tr.epochs > 0 or (tr.max_steps or 0) > 0, "trainer.epochs (or trainer.max_steps) must be > 0")
     _check(tr.batch_size >= 1, f"trainer.batch_size must be >= 1, got {tr.batch_size}")
+    _check(tr.epochs >= 0, f"trainer.epochs must be >= 0, got {tr.epochs}")
+    _check(tr.max_steps is None or tr.max_steps >= 1, f"trainer.max_steps must be >= 1 (or null), got {tr.max_steps}")
+    _check(
+        tr.checkpoint_every is None or tr.checkpoint_every >= 0,
+        f"trainer.checkpoint_every must be >= 0 (0: no checkpoints), got {tr.checkpoint_every}",
+    )
+    _check(tr.max_bad_steps >= 1, f"trainer.max_bad_steps must be >= 1, got {tr.max_bad_steps}")
     _check(tr.schedule in SCHEDULES, f"trainer.schedule must be one of {SCHEDULES}, got {tr.schedule!r}")
     _check(0.0 <= tr.warmup_ratio < 1.0, f"trainer.warmup_ratio must lie in [0, 1), got {tr.warmup_ratio}")
     _check(cfg.logger.name in ("wandb", "none"), f"logger.name must be wandb or none, got {cfg.logger.name!r}")

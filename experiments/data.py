@@ -53,7 +53,14 @@ def _load_local(task, splits: list[str]) -> DatasetDict:
         return data.rename_columns(renames) if renames else data
     suffix, files = _local_files(data_dir, splits)
     kwargs = {"delimiter": "\t", "quoting": 3} if suffix == ".tsv" else {}
-    return load_dataset(FILE_FORMATS[suffix], data_files=files, **kwargs)
+    try:
+        return load_dataset(FILE_FORMATS[suffix], data_files=files, **kwargs)
+    except Exception as err:  # datasets raises many kinds for a file it cannot read
+        first = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+        raise UserError(
+            f"task.data_dir={data_dir}: {sorted(files.values())} do not parse as {FILE_FORMATS[suffix]} "
+            f"({first}); fix the files or point task.data_dir elsewhere"
+        ) from err
 
 
 def _load_hub(task) -> DatasetDict:

@@ -30,6 +30,8 @@ class Adapted:
     # LoRA factors (A, B) at scale 1 of the adapters inside a submodule, by name relative to it (diffusers export)
     lora_factors: Callable[[nn.Module], dict[str, tuple[torch.Tensor, torch.Tensor]]] = lambda module: {}
     after_step: Callable[[int], None] = lambda step: None
+    state: Callable[[], dict] = dict  # what a checkpoint must keep beyond weights and optimizer (AdaLoRA's scores)
+    load_state: Callable[[dict], None] = lambda state: None
     adapts_ranks: bool = False  # ranks change during training (a rank plot is worth drawing)
     settings: dict = field(default_factory=dict)  # effective method settings, for the summary
 
@@ -193,6 +195,22 @@ def use_adalora(model: nn.Module, model_cfg, method, trainer, total_steps: int) 
     def after_step(step: int) -> None:
         model.base_model.update_and_allocate(step)
 
+    scores = ("ipt", "exp_avg_ipt", "exp_avg_unc")
+
+    def state() -> dict:
+        """AdaLoRA's importance scores and its latest mask, which the next reallocation builds on."""
+        allocator = model.base_model.rankallocator
+        return {
+            "rank_pattern": model.peft_config["default"].rank_pattern,
+            **{key: {n: t.detach().cpu() for n, t in getattr(allocator, key).items()} for key in scores},
+        }
+
+    def load_state(saved: dict) -> None:
+        allocator, device = model.base_model.rankallocator, next(model.parameters()).device
+        model.peft_config["default"].rank_pattern = saved["rank_pattern"]
+        for key in scores:
+            setattr(allocator, key, {n: t.to(device) for n, t in saved[key].items()})
+
     settings = {
         "init_r": method.init_rank,
         "target_r": target_r,
@@ -210,6 +228,8 @@ def use_adalora(model: nn.Module, model_cfg, method, trainer, total_steps: int) 
         save=_save_peft(model),
         lora_factors=peft_lora_factors,
         after_step=after_step,
+        state=state,
+        load_state=load_state,
         adapts_ranks=True,
         settings=settings,
     )

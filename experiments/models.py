@@ -28,9 +28,13 @@ def _from_pretrained(loader, name_or_path: str, **kwargs):
         raise UserError(_hub_message(name_or_path))
     try:
         return loader.from_pretrained(str(Path(name_or_path).expanduser()) if local else name_or_path, **kwargs)
-    except OSError as err:
+    except (OSError, ValueError) as err:  # ValueError: a config.json that does not parse or names no model
         if local:
-            raise UserError(f"model.name_or_path={name_or_path} is not a loadable model folder: {err}") from err
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise UserError(
+                f"model.name_or_path={name_or_path} is not a loadable model folder ({first}); point it "
+                "at a save_pretrained folder"
+            ) from err
         raise UserError(_hub_message(name_or_path)) from err
 
 
@@ -133,4 +137,6 @@ def image_statistics(model_cfg) -> tuple[list[float], list[float]]:
 def pick_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"trainer.device={name} but no CUDA device is visible; use trainer.device=auto or cpu")
     return torch.device(name)

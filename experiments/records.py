@@ -36,21 +36,49 @@ class RunRecords:
     """Writes one run's files and mirrors every record to W&B when a W&B run is open."""
 
     def __init__(
-        self, run_dir: str | Path, wandb_cfg=None, config: dict | None = None, name: str | None = None
+        self,
+        run_dir: str | Path,
+        wandb_cfg=None,
+        config: dict | None = None,
+        name: str | None = None,
+        resume_step: int | None = None,
+        wandb_id: str | None = None,
     ) -> None:
+        """``resume_step``: a resumed run keeps the rows up to that step (a killed run may have logged beyond its
+        checkpoint) and appends; ``wandb_id`` continues that W&B run."""
         self.dir = Path(run_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
-        self._metrics = open(self.dir / "metrics.jsonl", "w", encoding="utf-8")  # a rerun starts afresh
-        self._ranks_file = open(self.dir / "ranks.csv", "w", newline="", encoding="utf-8")
-        self._ranks = csv.writer(self._ranks_file)
-        self._ranks.writerow(["step", "layer", "rank"])
-        self.wandb = self._open_wandb(wandb_cfg, config, name) if wandb_cfg is not None else None
+        if resume_step is None:
+            self._metrics = open(self.dir / "metrics.jsonl", "w", encoding="utf-8")  # a rerun starts afresh
+            self._ranks_file = open(self.dir / "ranks.csv", "w", newline="", encoding="utf-8")
+            self._ranks = csv.writer(self._ranks_file)
+            self._ranks.writerow(["step", "layer", "rank"])
+        else:
+            self._metrics = self._reopen("metrics.jsonl", lambda line: json.loads(line)["step"], resume_step)
+            self._ranks_file = self._reopen(
+                "ranks.csv", lambda line: int(line.split(",", 1)[0]), resume_step, header=1
+            )
+            self._ranks = csv.writer(self._ranks_file)
+        self.wandb = self._open_wandb(wandb_cfg, config, name, wandb_id) if wandb_cfg is not None else None
 
-    def _open_wandb(self, cfg, config, name):
+    def _reopen(self, name: str, step_of, resume_step: int, header: int = 0):
+        """Keep the header and the rows up to ``resume_step`` of a file, then append to it."""
+        path = self.dir / name
+        lines = path.read_text(encoding="utf-8").splitlines(keepends=True) if path.is_file() else []
+        kept = lines[:header] + [line for line in lines[header:] if line.strip() and step_of(line) <= resume_step]
+        path.write_text("".join(kept), encoding="utf-8")
+        return open(path, "a", newline="", encoding="utf-8")
+
+    @property
+    def wandb_id(self) -> str | None:
+        return self.wandb.id if self.wandb is not None else None
+
+    def _open_wandb(self, cfg, config, name, run_id=None):
         os.environ["WANDB_MODE"] = cfg.mode  # env, not only init(mode=): offline then makes no DNS lookup
         os.environ.setdefault("WANDB_SILENT", "true")
         import wandb
 
+        resume = {"id": run_id, "resume": "allow"} if run_id else {}
         return wandb.init(
             project=cfg.project,
             entity=cfg.entity,
@@ -60,6 +88,7 @@ class RunRecords:
             config=config,
             tags=list(cfg.tags),
             reinit="finish_previous",
+            **resume,
         )
 
     def log(self, step: int, record: dict[str, Any]) -> None:
@@ -99,12 +128,20 @@ class RunRecords:
 TEXT_SUFFIXES = (".yaml", ".yml", ".json", ".jsonl", ".log", ".md", ".csv", ".txt")
 
 
-def scrub_paths(folder: str | Path, root: str | Path) -> int:
-    """Make committed run folders machine-independent: in every text file the absolute path of ``root`` (the
-    repository) becomes ``.`` and the home folder ``~``; Hydra's ``.hydra/config.yaml`` / ``hydra.yaml`` copies
-    are removed (the run's own ``config.yaml`` and ``.hydra/overrides.yaml`` stay). Returns the files changed."""
+def clean_for_commit(folder: str | Path, root: str | Path) -> int:
+    """Make run folders fit to commit: in every text file the absolute path of ``root`` (the repository) becomes
+    ``.`` and the home folder ``~``; Hydra's ``.hydra/config.yaml`` / ``hydra.yaml`` copies are removed (the run's
+    own ``config.yaml`` and ``.hydra/overrides.yaml`` stay), and so are the checkpoints of finished runs (binary,
+    large, and never resumed). Returns the number of files and folders changed."""
+    import shutil
+
     replacements = [(str(Path(root).resolve()), "."), (str(Path.home()), "~")]
     changed = 0
+    for done in [p.parent for p in Path(folder).rglob("summary.json") if finished_summary(p.parent)]:
+        for name in ("checkpoint", "checkpoint.old"):
+            if (done / name).is_dir():
+                shutil.rmtree(done / name)
+                changed += 1
     for path in sorted(Path(folder).rglob("*")):
         if path.parent.name == ".hydra" and path.name in ("config.yaml", "hydra.yaml"):
             path.unlink()

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .aggregate import aggregate
-from .records import scrub_paths
+from .records import clean_for_commit
 
 log = logging.getLogger(__name__)
 ROOT = Path(__file__).resolve().parents[1]
@@ -168,7 +168,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.dry_run:
         return
     if runs_root.resolve().is_relative_to(ROOT):  # committed results: no absolute paths of this machine
-        scrub_paths(runs_root / args.profile, ROOT)
+        clean_for_commit(runs_root / args.profile, ROOT)
     paper = json.loads((ROOT / "results" / "paper_numbers.json").read_text())
     for path in aggregate(args.profile, studies, runs_root, out, paper):
         print(path)

@@ -19,7 +19,8 @@ import torch
 from omegaconf import OmegaConf
 from tqdm.auto import tqdm
 
-from . import tasks
+from . import checkpoint, tasks
+from .checkpoint import restore_rng
 from .config import validate
 from .console import quiet_libraries
 from .errors import UserError
@@ -44,7 +45,20 @@ class RunState:
     best: dict[str, float] = field(default_factory=dict)
     step_times: list[float] = field(default_factory=list)
     epoch_times: list[float] = field(default_factory=list)
+    bad_steps: int = 0  # steps not applied because the loss or a gradient was not finite
+    consecutive_bad: int = 0
     start: float = field(default_factory=time.perf_counter)
+
+    RESUMED = ("step", "history", "best", "step_times", "epoch_times", "bad_steps", "consecutive_bad")
+
+    def resumable(self) -> dict:
+        """What a checkpoint keeps of the loop (the wall clock as time elapsed so far)."""
+        return {**{key: getattr(self, key) for key in self.RESUMED}, "elapsed": time.perf_counter() - self.start}
+
+    def restore(self, saved: dict) -> None:
+        for key in self.RESUMED:
+            setattr(self, key, saved[key])
+        self.start = time.perf_counter() - saved["elapsed"]
 
 
 @dataclass
@@ -60,6 +74,7 @@ class Run:
     scaler: torch.amp.GradScaler
     records: RunRecords
     state: RunState
+    position: dict | None = None  # where a resumed run's data order stands (experiments.checkpoint)
 
 
 def setup(cfg, run_dir: str | Path) -> Run:
@@ -94,11 +109,15 @@ def setup(cfg, run_dir: str | Path) -> Run:
         scheduler = get_linear_schedule_with_warmup(adapted.optimizer, warmup, total_steps)
     scaler = torch.amp.GradScaler(device.type, enabled=trainer.precision.value == "fp16")
     name = cfg.run_name or f"{cfg.method.name.value}-{cfg.task.name}-s{cfg.seed}"
+    found = checkpoint.find(run_dir) if cfg.resume else None
+    resumed = checkpoint.info(found) if found else None
     records = RunRecords(
         run_dir,
         cfg.logger if cfg.logger.name == "wandb" else None,
         OmegaConf.to_container(cfg, resolve=True, enum_to_str=True),
         name,
+        resume_step=resumed["step"] if resumed else None,
+        wandb_id=resumed.get("wandb_id") if resumed else None,
     )
     log.info(
         "run %s: %d steps (%d per epoch), %d trainable parameters in use",
@@ -107,26 +126,44 @@ def setup(cfg, run_dir: str | Path) -> Run:
         steps_per_epoch,
         adapted.trainable(),
     )
-    return Run(
+    run = Run(
         cfg, run_dir, device, family, adapted, scheduler, scaler, records, RunState(name, total_steps, steps_per_epoch)
     )
+    if found:
+        run.position = checkpoint.load(run, found)
+        log.info("resuming from %s at step %d of %d (resume=false starts over)", found, run.state.step, total_steps)
+    return run
 
 
-def _optimizer_step(run: Run, batch: dict) -> torch.Tensor:
-    """One forward/backward and update; returns the loss."""
+def _optimizer_step(run: Run, batch: dict) -> tuple[float, bool]:
+    """One forward/backward and, when the loss and the gradients are finite, the update (otherwise nothing
+    changes: a bad step). Returns (loss, applied); reading the loss and the finiteness is one host sync."""
     model, optimizer, trainer = run.adapted.model, run.adapted.optimizer, run.cfg.trainer
     with tasks.autocast(trainer.precision.value, run.device):
         loss = run.family.loss(model, batch)
     run.scaler.scale(loss).backward()
+    checks = [loss.detach().float()]
     if trainer.max_grad_norm:
         run.scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), trainer.max_grad_norm)
-    run.scaler.step(optimizer)
-    run.scaler.update()
-    run.scheduler.step()
-    run.adapted.after_step(run.state.step)
+        checks.append(torch.nn.utils.clip_grad_norm_(model.parameters(), trainer.max_grad_norm).float())
+    elif not run.scaler.is_enabled():  # fp16: the GradScaler skips steps with non-finite gradients itself
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        checks.append(torch.nn.utils.get_total_norm(grads).float())
+    values = torch.stack(checks).tolist()
+    applied = math.isfinite(values[0]) and (run.scaler.is_enabled() or all(map(math.isfinite, values)))
+    if applied:
+        try:
+            run.scaler.step(optimizer)
+        except FloatingPointError as err:  # GeoLoRAOptimizer refused the step before changing anything
+            log.debug("%s", err)
+            applied = False
+    if applied or trainer.max_grad_norm:  # the scaler's per-step state is reset either way
+        run.scaler.update()
+    if applied:
+        run.scheduler.step()
+        run.adapted.after_step(run.state.step)
     optimizer.zero_grad(set_to_none=True)
-    return loss
+    return values[0], applied
 
 
 def evaluate(run: Run) -> None:
@@ -150,46 +187,88 @@ def evaluate(run: Run) -> None:
     log.info("step %d: %s", state.step, {k: round(v, 4) for k, v in metrics.items()})
 
 
-def fit(run: Run) -> None:
-    """The training loop: every ``log_every`` steps a loss record, every ``eval_every`` an evaluation."""
+def _count(run: Run, applied: bool, loss: float) -> None:
+    """Bad steps (not applied): counted; ``trainer.max_bad_steps`` in a row end the run as diverged."""
+    state = run.state
+    if applied:
+        state.consecutive_bad = 0
+        return
+    state.bad_steps += 1
+    state.consecutive_bad += 1
+    if state.consecutive_bad >= run.cfg.trainer.max_bad_steps:
+        raise FloatingPointError(
+            f"{state.consecutive_bad} steps in a row with a non-finite loss or gradient "
+            f"(last loss {loss}) by step {state.step}: diverged"
+        )
+
+
+def fit(run: Run, position: dict | None = None) -> None:
+    """The training loop: every ``log_every`` steps a loss record, every ``eval_every`` an evaluation, every
+    ``checkpoint_every`` (default: every epoch) and at the end a checkpoint. ``position`` (from a checkpoint)
+    puts the data order where it was: the loader's generator at the start of that epoch, minus the batches
+    taken, and the RNGs as they were."""
     state, trainer, adapted = run.state, run.cfg.trainer, run.adapted
-    initial_ranks = adapted.ranks()
-    run.records.log_ranks(0, initial_ranks)
-    run.records.log(0, {"trainable_params": adapted.trainable(), "total_rank": sum(initial_ranks.values())})
+    loader = run.family.train_loader
+    if position is None:
+        initial_ranks = adapted.ranks()
+        run.records.log_ranks(0, initial_ranks)
+        run.records.log(0, {"trainable_params": adapted.trainable(), "total_rank": sum(initial_ranks.values())})
     eval_every = trainer.eval_every or state.steps_per_epoch
-    bar = tqdm(total=state.total_steps, desc=state.name, disable=not run.cfg.progress)
+    every = state.steps_per_epoch if trainer.checkpoint_every is None else trainer.checkpoint_every
+    epoch, skip = (position["epoch"], position["batch"]) if position else (0, 0)
+    bar = tqdm(total=state.total_steps, initial=state.step, desc=state.name, disable=not run.cfg.progress)
     adapted.model.train()
     try:
         while state.step < state.total_steps:
             epoch_start = time.perf_counter()
-            for batch in run.family.train_loader:
+            if position:
+                loader.generator.set_state(position["generator"])
+            start_state = loader.generator.get_state()
+            batches = iter(loader)
+            for _ in range(skip):
+                next(batches)
+            if position:  # after skipping: their draws are made again, then the RNGs are put back
+                restore_rng(position["rng"])
+                position = None
+            taken = skip
+            for batch in batches:
                 tick = time.perf_counter()
-                loss = _optimizer_step(run, {k: v.to(run.device) for k, v in batch.items()})
+                loss, applied = _optimizer_step(run, {k: v.to(run.device) for k, v in batch.items()})
                 if run.device.type == "cuda":
                     torch.cuda.synchronize(run.device)
                 state.step_times.append(time.perf_counter() - tick)
                 state.step += 1
+                taken += 1
                 bar.update(1)
                 step, last = state.step, state.step == state.total_steps
-                if not math.isfinite(loss.item()):
-                    raise FloatingPointError(f"loss became {loss.item()} at step {step}")
+                _count(run, applied, loss)
                 if step % trainer.log_every == 0 or last:
-                    run.records.log(
-                        step,
-                        {
-                            "train/loss": loss.item(),
-                            "train/lr": run.scheduler.get_last_lr()[0],
-                            "train/step_time_s": state.step_times[-1],
-                        },
-                    )
-                    bar.set_postfix(loss=f"{loss.item():.4f}")
+                    record = {
+                        "train/loss": loss,
+                        "train/lr": run.scheduler.get_last_lr()[0],
+                        "train/step_time_s": state.step_times[-1],
+                        "train/bad_steps": state.bad_steps,
+                    }
+                    run.records.log(step, record)
+                    bar.set_postfix(loss=f"{loss:.4f}")
                 if step % trainer.log_every == 0 or step % eval_every == 0 or last:
                     run.records.log_ranks(step, adapted.ranks())
                 if step % eval_every == 0 or last:
                     evaluate(run)
+                if every and (step % every == 0 or last):
+                    at_end = taken == len(loader)  # the next epoch's generator state is the current one
+                    checkpoint.save(
+                        run,
+                        {
+                            "epoch": epoch + at_end,
+                            "batch": 0 if at_end else taken,
+                            "generator": loader.generator.get_state() if at_end else start_state,
+                        },
+                    )
                 if step >= state.total_steps:
                     break
             state.epoch_times.append(time.perf_counter() - epoch_start)
+            epoch, skip = epoch + 1, 0
     finally:
         bar.close()
 
@@ -215,6 +294,7 @@ def summary(run: Run) -> dict:
         "seed": cfg.seed,
         "steps": state.step,
         "total_steps": state.total_steps,
+        "bad_steps": state.bad_steps,
         "main_metric": f"eval/{cfg.task.main_metric}",
         "final": state.history[-1] if state.history else {},
         "best": {f"eval/{k}": v for k, v in state.best.items()},
@@ -245,11 +325,12 @@ def finish(run: Run) -> dict:
 
 
 def train(cfg, run_dir: str | Path) -> dict:
-    """Run one configured experiment into ``run_dir``; returns the summary it also writes. A run whose
-    loss turns non-finite (or whose optimizer refuses a non-finite gradient) ends as ``diverged``."""
+    """Run one configured experiment into ``run_dir`` (resuming from its checkpoint, if any); returns the
+    summary it also writes. ``trainer.max_bad_steps`` steps in a row with a non-finite loss or gradient end
+    the run as ``diverged``."""
     run = setup(cfg, run_dir)
     try:
-        fit(run)
+        fit(run, run.position)
         run.state.status = "finished"
     except FloatingPointError as err:
         log.error("%s", err)

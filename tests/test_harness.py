@@ -92,15 +92,19 @@ def test_each_method_trains_and_writes_the_run_files(method, deberta_dir, rte_di
     assert provenance["versions"]["torch"] == torch.__version__ and provenance["device"] == "cpu"
 
 
-def test_committed_run_folders_are_scrubbed_of_this_machines_paths(tmp_path):
-    from experiments.records import scrub_paths
+def test_run_folders_are_cleaned_for_commit(tmp_path):
+    from experiments.records import clean_for_commit
 
     run = tmp_path / "runs" / "r"
     (run / ".hydra").mkdir(parents=True)
     (run / ".hydra" / "overrides.yaml").write_text("- seed=0\n")
     (run / ".hydra" / "hydra.yaml").write_text(f"cwd: {tmp_path}\n")
     (run / "run.log").write_text(f"run folder {run}\n")
-    assert scrub_paths(tmp_path / "runs", tmp_path) == 2
+    (run / "summary.json").write_text('{"status": "finished"}')
+    (run / "checkpoint").mkdir()
+    (run / "checkpoint" / "state.pt").write_bytes(b"x")
+    assert clean_for_commit(tmp_path / "runs", tmp_path) == 3
+    assert not (run / "checkpoint").exists()
     assert (run / "run.log").read_text() == "run folder ./runs/r\n"
     assert sorted(p.name for p in (run / ".hydra").iterdir()) == ["overrides.yaml"]
 
