@@ -3,20 +3,24 @@
 python run.py                                            # offline default (MiniLM-L6, movie reviews)
 python run.py model=deberta task=glue/rte method=geolora
 python run.py -m method=geolora,lora,adalora task=glue/rte,glue/mrpc seed=0,1,2
+torchrun --standalone --nproc_per_node=2 run.py ...      # DistributedDataParallel, gloo on CPU
 """
 
 from __future__ import annotations
 
 import logging
+import sys
 
 import hydra
 from omegaconf import DictConfig
 
+from experiments import distributed
 from experiments.cli import install_one_line_errors
 from experiments.config import register
 
 register()
 install_one_line_errors()
+sys.argv += distributed.hydra_overrides()  # torchrun: only rank 0's Hydra folder is the run folder
 log = logging.getLogger("run")
 
 
@@ -27,12 +31,14 @@ def main(cfg: DictConfig) -> float | None:
     from experiments.records import finished_summary
     from experiments.train import train
 
-    run_dir = HydraConfig.get().runtime.output_dir
+    distributed.init(cfg.trainer.device)
+    run_dir = distributed.agree(HydraConfig.get().runtime.output_dir)  # rank 0 decides (a ${now:} name differs)
     summary = finished_summary(run_dir) if cfg.skip_finished else None
     if summary is not None:
         log.info("skip %s (done; skip_finished=false runs it again)", run_dir)
     else:
         summary = train(cfg, run_dir)
+    distributed.close()
     value = summary["final"].get(summary["main_metric"])
     log.info("%s: %s = %s, run folder %s", summary["status"], summary["main_metric"], value, run_dir)
     return value

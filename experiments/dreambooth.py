@@ -170,6 +170,7 @@ class DreamBooth:
     seeds: list[int]
     photos: list  # the subject's photos (training and held out), for the subject metrics
     base: dict = field(default_factory=dict)  # predictions and samples of the unadapted model
+    shardable: bool = False  # instance and class halves of a batch with their loss weights: one process
 
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return model(**batch).loss

@@ -125,6 +125,27 @@ class RunRecords:
             self.wandb = None
 
 
+class NoRecords:
+    """The records of a process that writes nothing (ranks other than 0 of a multi-process launch)."""
+
+    wandb_id = None
+
+    def log(self, step: int, record: dict) -> None:
+        pass
+
+    def log_ranks(self, step: int, ranks: dict) -> None:
+        pass
+
+    def log_image(self, key: str, path: Path) -> None:
+        pass
+
+    def write_json(self, name: str, data: dict) -> None:
+        pass
+
+    def close(self, summary: dict | None = None) -> None:
+        pass
+
+
 TEXT_SUFFIXES = (".yaml", ".yml", ".json", ".jsonl", ".log", ".md", ".csv", ".txt")
 
 

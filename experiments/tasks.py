@@ -36,6 +36,7 @@ class Classification:
     task: Any
     train_loader: DataLoader
     eval_loaders: dict[str, DataLoader]
+    shardable: bool = True  # batches split over processes (experiments.distributed): a mean loss per example
 
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return model(**batch).loss

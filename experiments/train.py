@@ -19,7 +19,7 @@ import torch
 from omegaconf import OmegaConf
 from tqdm.auto import tqdm
 
-from . import checkpoint, tasks
+from . import checkpoint, distributed, tasks
 from .checkpoint import restore_rng
 from .config import validate
 from .console import quiet_libraries
@@ -27,7 +27,7 @@ from .errors import UserError
 from .methods import Adapted, adapt
 from .models import pick_device
 from .plots import rank_heatmap
-from .records import RunRecords, provenance
+from .records import NoRecords, RunRecords, provenance
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +46,7 @@ class RunState:
     step_times: list[float] = field(default_factory=list)
     epoch_times: list[float] = field(default_factory=list)
     bad_steps: int = 0  # steps not applied because the loss or a gradient was not finite
+    replicas_identical: bool = True  # multi-process: every evaluation found the same weights and ranks
     consecutive_bad: int = 0
     start: float = field(default_factory=time.perf_counter)
 
@@ -75,21 +76,33 @@ class Run:
     records: RunRecords
     state: RunState
     position: dict | None = None  # where a resumed run's data order stands (experiments.checkpoint)
+    context: distributed.Context = field(default_factory=distributed.Context)  # this process in a launch
+    train_model: Any = None  # the model the loop's forward/backward runs (DDP-wrapped in a multi-process launch)
 
 
 def setup(cfg, run_dir: str | Path) -> Run:
     validate(cfg)
     quiet_libraries(cfg.verbose)
+    context = distributed.init(cfg.trainer.device)
+    distributed.check_batch_size(cfg.trainer.batch_size, context)
+    if not context.is_main:  # one console: rank 0's
+        for name in ("experiments", "run"):
+            logging.getLogger(name).setLevel(logging.WARNING)
     run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    if context.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)
     if cfg.trainer.threads:
         torch.set_num_threads(cfg.trainer.threads)
     device = pick_device(cfg.trainer.device)
+    if context.enabled and device.type == "cuda":
+        device = torch.device("cuda", context.local_rank)
     trainer = cfg.trainer
     model, family = tasks.build(cfg)
+    if context.enabled and not family.shardable:
+        raise UserError(f"task family {cfg.task.family!r} trains in one process; launch it without torchrun")
     steps_per_epoch = len(family.train_loader)
     total_steps = math.ceil(trainer.epochs * steps_per_epoch)
     if trainer.max_steps:
@@ -111,14 +124,16 @@ def setup(cfg, run_dir: str | Path) -> Run:
     name = cfg.run_name or f"{cfg.method.name.value}-{cfg.task.name}-s{cfg.seed}"
     found = checkpoint.find(run_dir) if cfg.resume else None
     resumed = checkpoint.info(found) if found else None
-    records = RunRecords(
-        run_dir,
-        cfg.logger if cfg.logger.name == "wandb" else None,
-        OmegaConf.to_container(cfg, resolve=True, enum_to_str=True),
-        name,
-        resume_step=resumed["step"] if resumed else None,
-        wandb_id=resumed.get("wandb_id") if resumed else None,
-    )
+    records = NoRecords()
+    if context.is_main:
+        records = RunRecords(
+            run_dir,
+            cfg.logger if cfg.logger.name == "wandb" else None,
+            OmegaConf.to_container(cfg, resolve=True, enum_to_str=True),
+            name,
+            resume_step=resumed["step"] if resumed else None,
+            wandb_id=resumed.get("wandb_id") if resumed else None,
+        )
     log.info(
         "run %s: %d steps (%d per epoch), %d trainable parameters in use",
         name,
@@ -129,9 +144,16 @@ def setup(cfg, run_dir: str | Path) -> Run:
     run = Run(
         cfg, run_dir, device, family, adapted, scheduler, scaler, records, RunState(name, total_steps, steps_per_epoch)
     )
+    run.context, run.train_model = context, adapted.model
     if found:
         run.position = checkpoint.load(run, found)
         log.info("resuming from %s at step %d of %d (resume=false starts over)", found, run.state.step, total_steps)
+    if context.enabled:
+        from torch.nn.parallel import DistributedDataParallel
+
+        ids = [context.local_rank] if device.type == "cuda" else None
+        run.train_model = DistributedDataParallel(adapted.model, device_ids=ids)
+        log.info("training on %d processes, %s each", context.world_size, device)
     return run
 
 
@@ -140,7 +162,7 @@ def _optimizer_step(run: Run, batch: dict) -> tuple[float, bool]:
     changes: a bad step). Returns (loss, applied); reading the loss and the finiteness is one host sync."""
     model, optimizer, trainer = run.adapted.model, run.adapted.optimizer, run.cfg.trainer
     with tasks.autocast(trainer.precision.value, run.device):
-        loss = run.family.loss(model, batch)
+        loss = run.family.loss(run.train_model, batch)
     run.scaler.scale(loss).backward()
     checks = [loss.detach().float()]
     if trainer.max_grad_norm:
@@ -169,8 +191,16 @@ def _optimizer_step(run: Run, batch: dict) -> tuple[float, bool]:
 def evaluate(run: Run) -> None:
     """Metrics, parameters in use and ranks now: logged, kept in the history, best values updated."""
     state, adapted = run.state, run.adapted
-    metrics = run.family.evaluate(adapted.model, run.device, run.cfg.trainer.precision.value, run.cfg.progress)
+    metrics = run.family.evaluate(
+        adapted.model, run.device, run.cfg.trainer.precision.value, run.cfg.progress and run.context.is_main
+    )
     ranks = adapted.ranks()
+    if run.context.enabled and not distributed.replicas_identical(adapted.model, ranks, run.context):
+        state.replicas_identical = False
+        raise UserError(
+            f"the {run.context.world_size} replicas hold different weights or ranks at step {state.step}: "
+            "their steps diverged (a bug worth reporting); the last checkpoint is kept"
+        )
     record = {
         **{f"eval/{k}": v for k, v in metrics.items()},
         "trainable_params": adapted.trainable(),
@@ -216,7 +246,12 @@ def fit(run: Run, position: dict | None = None) -> None:
     eval_every = trainer.eval_every or state.steps_per_epoch
     every = state.steps_per_epoch if trainer.checkpoint_every is None else trainer.checkpoint_every
     epoch, skip = (position["epoch"], position["batch"]) if position else (0, 0)
-    bar = tqdm(total=state.total_steps, initial=state.step, desc=state.name, disable=not run.cfg.progress)
+    bar = tqdm(
+        total=state.total_steps,
+        initial=state.step,
+        desc=state.name,
+        disable=not run.cfg.progress or not run.context.is_main,
+    )
     adapted.model.train()
     try:
         while state.step < state.total_steps:
@@ -232,17 +267,21 @@ def fit(run: Run, position: dict | None = None) -> None:
                 position = None
             taken = skip
             for batch in batches:
+                taken += 1
+                batch = distributed.shard(batch, run.context)
+                if batch is None:  # a last batch smaller than the process count
+                    continue
                 tick = time.perf_counter()
                 loss, applied = _optimizer_step(run, {k: v.to(run.device) for k, v in batch.items()})
                 if run.device.type == "cuda":
                     torch.cuda.synchronize(run.device)
                 state.step_times.append(time.perf_counter() - tick)
                 state.step += 1
-                taken += 1
                 bar.update(1)
                 step, last = state.step, state.step == state.total_steps
                 _count(run, applied, loss)
                 if step % trainer.log_every == 0 or last:
+                    loss = distributed.mean(loss, run.context)  # the global batch's loss
                     record = {
                         "train/loss": loss,
                         "train/lr": run.scheduler.get_last_lr()[0],
@@ -255,7 +294,7 @@ def fit(run: Run, position: dict | None = None) -> None:
                     run.records.log_ranks(step, adapted.ranks())
                 if step % eval_every == 0 or last:
                     evaluate(run)
-                if every and (step % every == 0 or last):
+                if every and (step % every == 0 or last) and run.context.is_main:
                     at_end = taken == len(loader)  # the next epoch's generator state is the current one
                     checkpoint.save(
                         run,
@@ -295,6 +334,8 @@ def summary(run: Run) -> dict:
         "steps": state.step,
         "total_steps": state.total_steps,
         "bad_steps": state.bad_steps,
+        "world_size": run.context.world_size,
+        "replicas_identical": state.replicas_identical,
         "main_metric": f"eval/{cfg.task.main_metric}",
         "final": state.history[-1] if state.history else {},
         "best": {f"eval/{k}": v for k, v in state.best.items()},
@@ -311,8 +352,11 @@ def summary(run: Run) -> dict:
 
 
 def finish(run: Run) -> dict:
-    """Summary, the family's outputs, rank plot and (``save_adapter``) the adapter; closes the records."""
+    """Summary, the family's outputs, rank plot and (``save_adapter``) the adapter; closes the records. Only
+    rank 0 of a multi-process launch writes."""
     result = summary(run)
+    if not run.context.is_main:
+        return result
     result.update(run.family.finish(run.adapted, run.run_dir, run.records))
     if run.adapted.adapts_ranks:
         png = rank_heatmap(run.run_dir / "ranks.csv", run.run_dir / "ranks.png", f"{run.state.name}: rank per layer")
