@@ -4,8 +4,8 @@ nccl on GPUs).
 Every process reads the same global batches in the same order (the single-process data order) and trains on
 its contiguous share (``trainer.batch_size`` stays the global batch); DDP averages the gradients, so each
 replica takes the same optimizer step and GeoLoRA the same rank decisions, which ``replicas_identical``
-checks at every evaluation. Only rank 0 writes the run folder, W&B and checkpoints, and rank 0 decides the
-folder for all.
+checks at every evaluation; evaluation batches are shared out and the predictions gathered. Only rank 0
+writes the run folder, W&B and checkpoints, and rank 0 decides the folder for all.
 """
 
 from __future__ import annotations
@@ -104,6 +104,15 @@ def mean(value: float, context: Context) -> float:
     tensor = torch.tensor([value], dtype=torch.float64, device=_device())
     dist.all_reduce(tensor)
     return tensor.item() / context.world_size
+
+
+def gather_sorted(items: list[tuple], context: Context) -> list[tuple]:
+    """Every process's ``(index, ...)`` items, from all processes, in index order (an evaluation gathered)."""
+    if not context.enabled:
+        return items
+    gathered: list = [None] * context.world_size
+    dist.all_gather_object(gathered, items)
+    return sorted((item for part in gathered for item in part), key=lambda item: item[0])
 
 
 def replicas_identical(model: torch.nn.Module, ranks: dict[str, int], context: Context) -> bool:

@@ -6,7 +6,7 @@ the metrics (the evaluator). The training loop knows only this interface (``trai
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import numpy as np
@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from . import data as data_lib
+from . import distributed
 from .errors import UserError
 from .metrics import compute_metrics
 from .models import image_statistics, load_model, load_tokenizer
@@ -37,6 +38,7 @@ class Classification:
     train_loader: DataLoader
     eval_loaders: dict[str, DataLoader]
     shardable: bool = True  # batches split over processes (experiments.distributed): a mean loss per example
+    context: distributed.Context = field(default_factory=distributed.Context)  # set by the loop under torchrun
 
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return model(**batch).loss
@@ -54,14 +56,17 @@ class Classification:
         model.eval()
         results = {}
         for split, loader in self.eval_loaders.items():
-            preds, labels = [], []
-            for batch in tqdm(loader, desc=f"eval {split}", leave=False, disable=not progress):
+            outputs = []  # (batch index, predictions, labels); each process takes every world_size-th batch
+            for index, batch in enumerate(tqdm(loader, desc=f"eval {split}", leave=False, disable=not progress)):
+                if index % self.context.world_size != self.context.rank:
+                    continue
                 batch = {k: v.to(device) for k, v in batch.items()}
                 with autocast(precision, device):
                     logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
-                preds.append(logits.float().cpu().numpy())
-                labels.append(batch["labels"].cpu().numpy())
-            metrics = compute_metrics(self.task.metric, np.concatenate(preds), np.concatenate(labels))
+                outputs.append((index, logits.float().cpu().numpy(), batch["labels"].cpu().numpy()))
+            outputs = distributed.gather_sorted(outputs, self.context)
+            preds, labels = np.concatenate([o[1] for o in outputs]), np.concatenate([o[2] for o in outputs])
+            metrics = compute_metrics(self.task.metric, preds, labels)
             prefix = f"{split}/" if len(self.eval_loaders) > 1 else ""
             results.update({prefix + k: v for k, v in metrics.items()})
         model.train()

@@ -103,6 +103,7 @@ def setup(cfg, run_dir: str | Path) -> Run:
     model, family = tasks.build(cfg)
     if context.enabled and not family.shardable:
         raise UserError(f"task family {cfg.task.family!r} trains in one process; launch it without torchrun")
+    family.context = context
     steps_per_epoch = len(family.train_loader)
     total_steps = math.ceil(trainer.epochs * steps_per_epoch)
     if trainer.max_steps:
