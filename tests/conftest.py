@@ -11,6 +11,14 @@ from torch import nn
 import geolora
 
 
+@pytest.fixture(scope="module")
+def deberta_dir(tmp_path_factory):
+    """A tiny DeBERTa-v2 checkpoint folder with its tokenizer (tests/harness_fixtures.py)."""
+    from harness_fixtures import tiny_deberta_dir
+
+    return tiny_deberta_dir(tmp_path_factory.mktemp("deberta"))
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _model_cache(tmp_path_factory):
     """Models built from configs (the tiny Stable Diffusion) and generated class images go to a folder of

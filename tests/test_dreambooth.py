@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from harness_fixtures import tiny_vit_dir
 from hydra import compose, initialize_config_dir
 
 import geolora
@@ -171,20 +172,9 @@ def test_peft_baselines_export_to_diffusers_with_the_same_outputs(tiny_sd, tmp_p
 
 def _tiny_dino_and_clip(folder: Path) -> tuple[str, str]:
     """A random DINO-style ViT and a random CLIP (with the real CLIP tokenizer), saved like hub checkpoints."""
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, ViTConfig, ViTImageProcessor, ViTModel
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, ViTImageProcessor
 
-    torch.manual_seed(0)
-    ViTModel(
-        ViTConfig(
-            image_size=32,
-            patch_size=8,
-            hidden_size=32,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            intermediate_size=37,
-        ),
-        add_pooling_layer=False,
-    ).save_pretrained(folder / "dino")
+    tiny_vit_dir(folder / "dino")  # a DINO-style ViT: its CLS token is the embedding
     ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(folder / "dino")
     small = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=1, num_attention_heads=2)
     CLIPModel(

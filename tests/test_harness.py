@@ -12,7 +12,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from harness_fixtures import tiny_deberta_dir, write_text_task
+from harness_fixtures import write_text_task
 from hydra import compose, initialize_config_dir
 from torch import nn
 
@@ -24,11 +24,6 @@ from experiments.train import train
 ROOT = Path(__file__).resolve().parents[1]
 RTE_LABELS = ["entailment", "not_entailment"]
 register()
-
-
-@pytest.fixture(scope="module")
-def deberta_dir(tmp_path_factory):
-    return tiny_deberta_dir(tmp_path_factory.mktemp("deberta"))
 
 
 @pytest.fixture(scope="module")

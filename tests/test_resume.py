@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from harness_fixtures import tiny_deberta_dir, write_text_task
+from harness_fixtures import write_text_task
 from test_harness import RTE_LABELS, compose_run, smoke
 
 from experiments import tasks
@@ -23,11 +23,6 @@ from experiments.errors import UserError
 from experiments.train import train
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def deberta_dir(tmp_path_factory):
-    return tiny_deberta_dir(tmp_path_factory.mktemp("deberta"))
 
 
 @pytest.fixture(scope="module")
