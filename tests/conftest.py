@@ -55,20 +55,10 @@ def tiny_deberta(seed: int = 0, num_labels: int = 3):
     from transformers import DebertaV2Config, DebertaV2ForSequenceClassification
 
     torch.manual_seed(seed)
+    from harness_fixtures import TINY_DEBERTA
+
     config = DebertaV2Config(
-        vocab_size=64,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=48,
-        max_position_embeddings=64,
-        num_labels=num_labels,
-        pooler_hidden_size=32,
-        relative_attention=True,
-        position_buckets=16,
-        pos_att_type=["p2c", "c2p"],
-        hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0,
+        vocab_size=64, num_labels=num_labels, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, **TINY_DEBERTA
     )
     return DebertaV2ForSequenceClassification(config).eval()
 

@@ -32,26 +32,24 @@ def tiny_tokenizer():
     )
 
 
+TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=48)  # every tiny model
+TINY_DEBERTA = dict(
+    **TINY,
+    max_position_embeddings=64,
+    pooler_hidden_size=32,
+    relative_attention=True,
+    position_buckets=16,
+    pos_att_type=["p2c", "c2p"],
+)
+
+
 def tiny_deberta_dir(path: Path) -> Path:
     """A 2-layer DeBERTa-v2 with its tokenizer, saved like a hub checkpoint."""
     from transformers import DebertaV2Config, DebertaV2Model
 
     torch.manual_seed(0)
     tokenizer = tiny_tokenizer()
-    config = DebertaV2Config(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=48,
-        max_position_embeddings=64,
-        pooler_hidden_size=32,
-        relative_attention=True,
-        position_buckets=16,
-        pos_att_type=["p2c", "c2p"],
-        type_vocab_size=2,
-    )
-    DebertaV2Model(config).save_pretrained(path)
+    DebertaV2Model(DebertaV2Config(vocab_size=len(tokenizer), type_vocab_size=2, **TINY_DEBERTA)).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
 
@@ -61,16 +59,7 @@ def tiny_bert_dir(path: Path) -> Path:
 
     torch.manual_seed(0)
     tokenizer = tiny_tokenizer()
-    BertModel(
-        BertConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=32,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            intermediate_size=48,
-            max_position_embeddings=64,
-        )
-    ).save_pretrained(path)
+    BertModel(BertConfig(vocab_size=len(tokenizer), max_position_embeddings=64, **TINY)).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
 
@@ -79,16 +68,7 @@ def tiny_vit_dir(path: Path) -> Path:
     from transformers import ViTConfig, ViTModel
 
     torch.manual_seed(0)
-    ViTModel(
-        ViTConfig(
-            image_size=32,
-            patch_size=8,
-            hidden_size=32,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            intermediate_size=48,
-        )
-    ).save_pretrained(path)
+    ViTModel(ViTConfig(image_size=32, patch_size=8, **TINY)).save_pretrained(path)
     return path
 
 
