@@ -55,9 +55,9 @@ def collect(study: Study, study_dir: Path) -> list[tuple[dict, dict, Path]]:
     return out
 
 
-def final_metric(summary: dict) -> float:
-    """The run's final main metric; nan when it diverged or never evaluated."""
-    value = summary.get("final", {}).get(summary["main_metric"])
+def final_metric(summary: dict, key: str | None = None) -> float:
+    """The run's final value of ``key`` (default: its main metric); nan when it diverged or never evaluated."""
+    value = summary.get("final", {}).get(key or summary["main_metric"])
     return float("nan") if summary.get("diverged") or value is None else float(value)
 
 
@@ -294,12 +294,7 @@ def dreambooth_figure(study: str, runs: list, out_png: Path, paper: dict) -> tup
         def mean(key: str) -> float:
             return statistics.mean(s.get(key) or 0 for s in summaries)
 
-        finals = [
-            _mean_std(
-                [float("nan") if s.get("diverged") else s["final"].get(f"eval/{k}", float("nan")) for s in summaries]
-            )
-            for k, _ in DENOISING
-        ]
+        finals = [_mean_std([final_metric(s, f"eval/{k}") for s in summaries]) for k, _ in DENOISING]
         finals += [_mean_std([s.get("subject", {}).get(k, float("nan")) for s in summaries]) for k in subject]
         diverged = sum(bool(s.get("diverged")) for s in summaries)
         rows.append(

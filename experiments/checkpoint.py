@@ -19,18 +19,24 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .errors import UserError
+from .errors import UserError, one_line
 
 FOLDER, PARTIAL, OLD = "checkpoint", "checkpoint.partial", "checkpoint.old"
 
 
-def _model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The trainable parameters and extra states (an adapter's rank) of ``model``, by state-dict name."""
+def _kept(model: torch.nn.Module) -> set[str]:
+    """The state-dict names a checkpoint keeps: trainable parameters and extra states (an adapter's rank)."""
     trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    return {k for k in model.state_dict(keep_vars=True) if k in trainable or k.endswith("_extra_state")}
+
+
+def _model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The kept entries of ``model``'s state dict, on the CPU."""
+    kept = _kept(model)
     return {
         k: v.detach().cpu().clone() if isinstance(v, torch.Tensor) else v
         for k, v in model.state_dict().items()
-        if k in trainable or k.endswith("_extra_state")
+        if k in kept
     }
 
 
@@ -108,7 +114,7 @@ def load(run, folder: Path) -> dict:
         result = model.load_state_dict(saved["model"], strict=False)
         if result.unexpected_keys:
             raise ValueError(f"weights of other modules: {result.unexpected_keys[:3]}")
-        missing = set(_model_state(model)) - set(saved["model"])
+        missing = _kept(model) - set(saved["model"])
         if missing:
             raise ValueError(f"no weights for {sorted(missing)[:3]}")
         run.adapted.load_state(saved["method"])
@@ -116,10 +122,8 @@ def load(run, folder: Path) -> dict:
         run.scheduler.load_state_dict(saved["scheduler"])
         run.scaler.load_state_dict(saved["scaler"])
     except (OSError, RuntimeError, ValueError, KeyError, EOFError, pickle.UnpicklingError) as err:
-        detail = " ".join(str(err).split())  # one line, whatever the error's own layout
-        detail = detail if len(detail) <= 200 else detail[:200] + " ..."
         raise UserError(
-            f"checkpoint {folder} does not fit this run ({type(err).__name__}: {detail}); delete it or "
+            f"checkpoint {folder} does not fit this run ({type(err).__name__}: {one_line(err)}); delete it or "
             "rerun with resume=false"
         ) from None
     run.state.restore(saved["loop"])

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from datasets import ClassLabel, Dataset, DatasetDict, Features, Value, load_dataset
 
-from .errors import UserError
+from .errors import UserError, one_line, unreachable
 
 FILE_FORMATS = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 
@@ -56,27 +56,19 @@ def _load_local(task, splits: list[str]) -> DatasetDict:
     try:
         return load_dataset(FILE_FORMATS[suffix], data_files=files, **kwargs)
     except Exception as err:  # datasets raises many kinds for a file it cannot read
-        first = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
         raise UserError(
             f"task.data_dir={data_dir}: {sorted(files.values())} do not parse as {FILE_FORMATS[suffix]} "
-            f"({first}); fix the files or point task.data_dir elsewhere"
+            f"({one_line(err)}); fix the files or point task.data_dir elsewhere"
         ) from err
 
 
 def _load_hub(task) -> DatasetDict:
     if os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("HF_DATASETS_OFFLINE") == "1":
-        raise UserError(_unreachable("dataset", task.dataset, "task.data_dir"))
+        raise UserError(unreachable("dataset", task.dataset, "task.data_dir"))
     try:
         return load_dataset(task.dataset, task.subset)
     except (ConnectionError, OSError) as err:
-        raise UserError(_unreachable("dataset", task.dataset, "task.data_dir")) from err
-
-
-def _unreachable(what: str, name: str, key: str) -> str:
-    return (
-        f"could not fetch {what} {name!r}: the Hugging Face hub is unreachable (or HF_HUB_OFFLINE=1); "
-        f"copy it to this machine and set {key}=/path/to/local/copy"
-    )
+        raise UserError(unreachable("dataset", task.dataset, "task.data_dir")) from err
 
 
 def movie_reviews(path: str | None = None, every: int = 10) -> DatasetDict:

@@ -76,7 +76,7 @@ def build_tiny_pipeline(architecture: dict, folder: Path, calibration: torch.Ten
     """Build a random Stable Diffusion from ``architecture`` (unet / vae / text_encoder kwargs), set the VAE's
     ``scaling_factor`` to 1 / std of the latents of ``calibration`` images (N x 3 x H x W in [-1, 1]; a
     random VAE's latents are far from SD's unit scale) and save it as a pipeline folder."""
-    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     torch.manual_seed(architecture.get("seed", 0))
@@ -96,17 +96,7 @@ def build_tiny_pipeline(architecture: dict, folder: Path, calibration: torch.Ten
     with torch.no_grad():
         std = vae.encode(calibration).latent_dist.mean.std().item()
     vae.register_to_config(scaling_factor=1.0 / std)
-    scheduler = DDPMScheduler(**architecture["scheduler"])
-    pipeline = StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        unet=unet,
-        scheduler=scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
+    pipeline = assemble(Components(unet, text_encoder, vae, tokenizer, DDPMScheduler(**architecture["scheduler"])))
     partial = folder.with_name(folder.name + ".partial")
     pipeline.save_pretrained(str(partial))
     partial.rename(folder)  # a pipeline folder appears whole or not at all
@@ -159,6 +149,23 @@ def load_components(name_or_path: str) -> Components:
     return Components(**parts)
 
 
+def assemble(parts: Components):
+    """A ``StableDiffusionPipeline`` of ``parts``, without a safety checker (generated images are measured here,
+    not served)."""
+    from diffusers import StableDiffusionPipeline
+
+    return StableDiffusionPipeline(
+        vae=parts.vae,
+        text_encoder=parts.text_encoder,
+        tokenizer=parts.tokenizer,
+        unet=parts.unet,
+        scheduler=parts.scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
 @dataclass
 class DenoisingOutput:
     """What ``DenoisingModel`` returns: the weighted batch loss (peft's AdaLoRA adds its regulariser to
@@ -177,6 +184,18 @@ class DenoisingModel(nn.Module):
         super().__init__()
         self.unet, self.text_encoder, self.scheduler = unet, text_encoder, scheduler
 
+    def predict(
+        self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor, input_ids: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The UNet's prediction from the noised latents and the prompt, and its target (the noise, or the
+        velocity for a v-prediction schedule)."""
+        noisy = self.scheduler.add_noise(latents, noise, timesteps)
+        states = self.text_encoder(input_ids)[0]
+        prediction = self.unet(noisy, timesteps, encoder_hidden_states=states).sample
+        if self.scheduler.config.prediction_type == "v_prediction":
+            return prediction, self.scheduler.get_velocity(latents, noise, timesteps)
+        return prediction, noise
+
     def forward(
         self,
         latents: torch.Tensor,
@@ -185,13 +204,7 @@ class DenoisingModel(nn.Module):
         input_ids: torch.Tensor,
         weights: torch.Tensor,
     ) -> DenoisingOutput:
-        noisy = self.scheduler.add_noise(latents, noise, timesteps)
-        states = self.text_encoder(input_ids)[0]
-        prediction = self.unet(noisy, timesteps, encoder_hidden_states=states).sample
-        if self.scheduler.config.prediction_type == "v_prediction":
-            target = self.scheduler.get_velocity(latents, noise, timesteps)
-        else:
-            target = noise
+        prediction, target = self.predict(latents, noise, timesteps, input_ids)
         per_example = (prediction.float() - target.float()).pow(2).mean((1, 2, 3))
         return DenoisingOutput((per_example * weights).sum(), per_example)
 

@@ -14,7 +14,7 @@ import hashlib
 import json
 import logging
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +23,15 @@ from torch import nn
 
 from geolora.io import write_diffusers_lora
 
-from .diffusion import Components, DenoisingModel, cache_dir, denoising_model, load_components, pipeline_folder
+from .diffusion import (
+    Components,
+    DenoisingModel,
+    assemble,
+    cache_dir,
+    denoising_model,
+    load_components,
+    pipeline_folder,
+)
 from .dreambooth_images import instance_images, to_pixels
 from .errors import UserError
 from .models import pick_device
@@ -46,20 +54,19 @@ def encode(
 
 def pipeline(parts: Components, unet: nn.Module, text_encoder: nn.Module):
     """A DDIM sampling pipeline around (possibly adapted) ``unet`` and ``text_encoder``."""
-    from diffusers import DDIMScheduler, StableDiffusionPipeline
+    from diffusers import DDIMScheduler
 
-    pipe = StableDiffusionPipeline(
-        vae=parts.vae,
-        text_encoder=text_encoder,
-        tokenizer=parts.tokenizer,
-        unet=unet,
-        scheduler=DDIMScheduler.from_config(parts.scheduler.config),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
+    scheduler = DDIMScheduler.from_config(parts.scheduler.config)
+    pipe = assemble(replace(parts, unet=unet, text_encoder=text_encoder, scheduler=scheduler))
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def to_image(array: np.ndarray):
+    """A sampled H x W x 3 array in [0, 1] as an 8-bit PIL image."""
+    from PIL import Image
+
+    return Image.fromarray((array * 255).round().astype(np.uint8))
 
 
 @torch.no_grad()
@@ -103,7 +110,7 @@ def class_images(task, model_path: str, parts: Components, device: torch.device)
         for index in range(len(have), task.num_class_images):
             image = sample(pipe, [task.class_prompt], [index], task, device)[0, 0]
             partial = folder / f"{index:04d}.png.partial"
-            Image.fromarray((image * 255).round().astype(np.uint8)).save(partial, format="PNG")
+            to_image(image).save(partial, format="PNG")
             partial.rename(folder / f"{index:04d}.png")
         have = sorted(folder.glob("*.png"))
     return [Image.open(p).convert("RGB") for p in have[: task.num_class_images]]
@@ -177,18 +184,12 @@ class DreamBooth:
 
     @torch.no_grad()
     def _errors(self, model: nn.Module, grid: dict[str, torch.Tensor], device, precision: str):
-        """The model's predictions on a grid and their targets (the noise, or the velocity)."""
+        """The model's predictions on a grid (float32) and their targets."""
         from .tasks import autocast
 
-        core = denoising_model(model)
-        batch = {k: v.to(device) for k, v in grid.items()}
         with autocast(precision, device):
-            states = core.text_encoder(batch["input_ids"])[0]
-            noisy = core.scheduler.add_noise(batch["latents"], batch["noise"], batch["timesteps"])
-            prediction = core.unet(noisy, batch["timesteps"], encoder_hidden_states=states).sample.float()
-        if core.scheduler.config.prediction_type == "v_prediction":
-            return prediction, core.scheduler.get_velocity(batch["latents"], batch["noise"], batch["timesteps"])
-        return prediction, batch["noise"]
+            prediction, target = denoising_model(model).predict(**{k: v.to(device) for k, v in grid.items()})
+        return prediction.float(), target
 
     def start(self, model: nn.Module, device: torch.device, precision: str) -> None:
         """The base model's class predictions and samples (adapters start at zero: the model is the base)."""
@@ -220,9 +221,8 @@ class DreamBooth:
         model.eval()
         core = denoising_model(model)
         device = next(core.unet.parameters()).device
-        samples = sample(
-            pipeline(self.parts, core.unet, core.text_encoder), self.prompts, self.seeds, self.task, device
-        )
+        pipe = pipeline(self.parts, core.unet, core.text_encoder)
+        samples = sample(pipe, self.prompts, self.seeds, self.task, device)
         png = sample_grid({"base": self.base["samples"], "adapted": samples}, self.prompts, run_dir / "samples.png")
         records.log_image("samples", png)
         folder = run_dir / "diffusers_lora"
@@ -237,20 +237,18 @@ class DreamBooth:
             "rank_text_encoder": sum(r for n, r in ranks.items() if ".text_encoder." in f".{n}"),
         }
         if self.task.subject_metrics:
-            out["subject"] = self.subject_metrics(pipeline(self.parts, core.unet, core.text_encoder), device)
+            out["subject"] = self.subject_metrics(pipe, device)
         return out
 
     def subject_metrics(self, pipe, device: torch.device) -> dict[str, float]:
         """DINO, CLIP-I and CLIP-T of ``metric_images_per_prompt`` samples of every metric prompt."""
-        from PIL import Image
-
         from .subject_metrics import SubjectSimilarity
 
         similarity = SubjectSimilarity.load(self.task.dino_model, self.task.clip_model, device)
         prompts = list(self.task.metric_prompts) or self.prompts
         seeds = list(range(self.task.metric_images_per_prompt))
         images = sample(pipe, prompts, seeds, self.task, device)  # seeds x prompts
-        generated = [Image.fromarray((image * 255).round().astype(np.uint8)) for row in images for image in row]
+        generated = [to_image(image) for row in images for image in row]
         return similarity(generated, prompts * len(seeds), self.photos, self.task.identifier)
 
 

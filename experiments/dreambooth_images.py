@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .errors import UserError
+from .errors import UserError, one_line, unreachable
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 # Views of scikit-learn's flower.jpg (a dahlia, 640 x 427): square crops (centre x, centre y, side) and flips.
@@ -62,17 +62,14 @@ def instance_images(task) -> list:
     if task.dataset == "sklearn_flower":
         return flower_views()
     if os.environ.get("HF_HUB_OFFLINE") == "1":
-        raise UserError(
-            f"could not fetch dataset {task.dataset!r}: the Hugging Face hub is unreachable (or "
-            "HF_HUB_OFFLINE=1); copy its images to this machine and set task.data_dir=/path/to/images"
-        )
+        raise UserError(unreachable("dataset", task.dataset, "task.data_dir", "/path/to/images"))
     from huggingface_hub import snapshot_download
 
     try:
         return _folder_images(Path(snapshot_download(task.dataset, repo_type="dataset")))
     except OSError as err:
         raise UserError(
-            f"could not fetch dataset {task.dataset!r} ({err}); set task.data_dir=/path/to/images"
+            f"could not fetch dataset {task.dataset!r} ({one_line(err)}); set task.data_dir=/path/to/images"
         ) from err
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .errors import UserError
+from .errors import UserError, one_line, unreachable
 
 log = logging.getLogger(__name__)
 
@@ -25,24 +25,16 @@ def _from_pretrained(loader, name_or_path: str, **kwargs):
     """``loader.from_pretrained`` with a one-line error when a hub name cannot be fetched."""
     local = _is_local(name_or_path)
     if not local and os.environ.get("HF_HUB_OFFLINE") == "1":
-        raise UserError(_hub_message(name_or_path))
+        raise UserError(unreachable("model", name_or_path, "model.name_or_path"))
     try:
         return loader.from_pretrained(str(Path(name_or_path).expanduser()) if local else name_or_path, **kwargs)
     except (OSError, ValueError) as err:  # ValueError: a config.json that does not parse or names no model
         if local:
-            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             raise UserError(
-                f"model.name_or_path={name_or_path} is not a loadable model folder ({first}); point it "
+                f"model.name_or_path={name_or_path} is not a loadable model folder ({one_line(err)}); point it "
                 "at a save_pretrained folder"
             ) from err
-        raise UserError(_hub_message(name_or_path)) from err
-
-
-def _hub_message(name: str) -> str:
-    return (
-        f"could not fetch model {name!r}: the Hugging Face hub is unreachable (or HF_HUB_OFFLINE=1); "
-        f"copy it to this machine and set model.name_or_path=/path/to/local/copy"
-    )
+        raise UserError(unreachable("model", name_or_path, "model.name_or_path")) from err
 
 
 class TimmClassifier(nn.Module):
@@ -84,13 +76,13 @@ def load_timm(model_cfg, task_cfg) -> nn.Module:
             kwargs["pretrained_cfg_overlay"] = {"file": str(local)}
         elif os.environ.get("HF_HUB_OFFLINE") == "1":
             raise UserError(
-                _hub_message(model_cfg.name_or_path).replace("/path/to/local/copy", "/path/to/weights.safetensors")
+                unreachable("model", model_cfg.name_or_path, "model.name_or_path", "/path/to/weights.safetensors")
             )
     try:
         backbone = timm.create_model(model_cfg.model_type, pretrained=model_cfg.pretrained, **kwargs)
     except (OSError, RuntimeError) as err:
         raise UserError(
-            f"timm could not load {model_cfg.model_type!r} from {model_cfg.name_or_path!r}: {err}"
+            f"timm could not load {model_cfg.model_type!r} from {model_cfg.name_or_path!r}: {one_line(err)}"
         ) from err
     return TimmClassifier(backbone)
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from harness_fixtures import tiny_vit_dir
-from hydra import compose, initialize_config_dir
+from test_harness import compose_run
 
 import geolora
 from experiments.config import register
@@ -18,7 +18,6 @@ from experiments.dreambooth_images import flower_views, to_pixels
 from experiments.errors import UserError
 from experiments.train import train
 
-ROOT = Path(__file__).resolve().parents[1]
 TINY = [
     "task.num_class_images=2",
     "task.eval_class_images=1",
@@ -34,8 +33,7 @@ register()
 
 
 def _compose(overrides: list[str]):
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        return compose("config", overrides=["experiment=dreambooth_offline", *overrides])
+    return compose_run("experiment=dreambooth_offline", *overrides)
 
 
 @pytest.fixture(scope="module")
