@@ -28,7 +28,7 @@ class Adapted:
     trainable: Callable[[], int]
     save: Callable[[Path], None]  # writes the adapter (and the trained modules) into a folder
     # LoRA factors (A, B) at scale 1 of the adapters inside a submodule, by name relative to it (diffusers export)
-    lora_factors: Callable[[nn.Module], dict[str, tuple[torch.Tensor, torch.Tensor]]] = lambda module: {}
+    lora_factors: Callable[[nn.Module], dict[str, tuple[torch.Tensor, torch.Tensor]]]
     after_step: Callable[[int], None] = lambda step: None
     state: Callable[[], dict] = dict  # what a checkpoint must keep beyond weights and optimizer (AdaLoRA's scores)
     load_state: Callable[[dict], None] = lambda state: None

@@ -80,41 +80,30 @@ def profile(name: str) -> list[Study]:
 # ---------------------------------------------------------------- running
 
 
-def _values(value: str) -> list[str] | None:
-    """The values a sweep override runs over (``a,b`` -> [a, b]; commas inside brackets do not split);
-    None for Hydra's other sweep syntax (``range(...)``, ``glob(...)``), which is not predicted."""
-    if value.startswith(("range(", "choice(", "interval(", "glob(", "sort(", "shuffle(")):
-        return None
-    parts, depth, current = [], 0, ""
-    for char in value:
-        if char in "[({":
-            depth += 1
-        elif char in "])}":
-            depth -= 1
-        if char == "," and depth == 0:
-            parts.append(current)
-            current = ""
-        else:
-            current += char
-    return parts + [current]
-
-
 def _all_finished(study: Study, sweep: list[str], study_dir: Path) -> bool:
     """Whether every run of ``sweep`` already has a finished run folder (matched on the study's axes the
-    sweep sets), so the sweep need not start: a started sweep rewrites the ``.hydra/`` files of the
-    finished runs it skips."""
+    sweep sets, its values expanded by Hydra's own override parser), so the sweep need not start: a started
+    sweep rewrites the ``.hydra/`` files of the finished runs it skips."""
     from itertools import product
+
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
 
     from .aggregate import _value, collect
 
     axes = {key: axis for axis, key in study.axes.items()}
     swept = {}
-    for key, value in (o.split("=", 1) for o in sweep):
-        if key in axes:
-            values = _values(value)
-            if values is None:
-                return False
-            swept[axes[key]] = [_value(v) for v in values]
+    try:
+        for override in OverridesParser.create().parse_overrides(sweep):
+            if override.key_or_group in axes:
+                values = (
+                    list(override.sweep_string_iterator())
+                    if override.is_sweep_override()
+                    else [override.get_value_element_as_str()]
+                )
+                swept[axes[override.key_or_group]] = [_value(v) for v in values]
+    except HydraException:  # glob (needs the config groups), interval, or a typo: Hydra runs it, and reports
+        return False
     done = {tuple(point.get(axis) for axis in swept) for point, _, _ in collect(study, study_dir)}
     return not set(product(*swept.values())) - done
 
