@@ -84,6 +84,7 @@ def augment_bases(
     out: list[torch.Tensor] | None = None,
     projections_out: list[torch.Tensor] | None = None,
     overlap: torch.Tensor | None = None,
+    rank_bound: int | None = None,
 ) -> Augmented:
     """Extend each basis by the strongest ``widths[i]`` directions of ``(I - B B^T) directions``, for
     stacks of layers of different ranks held in fixed-size buffers.
@@ -109,8 +110,11 @@ def augment_bases(
     ``overlap`` (B x R x R, ``B^T D`` of every item) spares the first matmul where the caller already has it:
     GeoLoRA's S-gradient is ``U^T G_K``, and its transpose ``V^T G_L``. Non-finite directions make
     ``finite`` false for their item; its other results are then meaningless but finite-sized work.
+    ``rank_bound`` (a host int, at least every rank) limits the float64 Gram matrix of the projections and its
+    eigendecomposition to the columns that can be in use.
     """
     dtype, width = bases[0].dtype, bases[0].shape[-1]
+    read = width if rank_bound is None else rank_bound  # columns of the directions that can be in use
     in_use = columns_in_use(ranks, width)
     old = in_use.double()
     old_block = old.unsqueeze(-1) * old.unsqueeze(-2)
@@ -120,23 +124,26 @@ def augment_bases(
     for basis, direction, part, o in zip(bases, directions, overlaps, projections_out or [None] * len(bases)):
         projection = torch.baddbmm(direction, basis, part, alpha=-1, out=o)
         projections_of.append(projection)
-        wide = projection.double()
+        wide = projection[..., :read].double()
         grams.append(wide.mT @ wide)  # P^T P, exact for float32 data
     overlap = torch.cat(overlaps).double() * old_block
-    projected_gram = torch.cat(grams) * old_block
+    projected_gram = torch.cat(grams) * old_block[..., :read, :read]
     square = torch.diagonal(projected_gram, dim1=-2, dim2=-1).sum(-1) + overlap.pow(2).sum((-2, -1))  # |D|^2
     finite = torch.isfinite(square)
     projected_gram = torch.where(finite.view(-1, 1, 1), projected_gram, 0.0)
     strength, vectors = torch.linalg.eigh(projected_gram)  # ascending
-    strength, vectors = strength.flip(-1), vectors.flip(-1) * old.unsqueeze(-1)
+    strength, vectors = strength.flip(-1), vectors.flip(-1) * old[..., :read].unsqueeze(-1)
     slot = torch.arange(width, device=ranks.device)
     strong = (strength > noise_floor(dtype) ** 2 * torch.where(finite, square, 0.0).unsqueeze(-1)) & (
-        slot < widths.unsqueeze(-1)
+        slot[:read] < widths.unsqueeze(-1)
     )
     # place[k, r + k] = 1 for the strong directions k: direction k becomes augmented column r + k.
-    place = ((slot.view(1, -1, 1) + ranks.view(-1, 1, 1) == slot.view(1, 1, -1)) & strong.unsqueeze(-1)).double()
+    place = (
+        (slot[:read].view(1, -1, 1) + ranks.view(-1, 1, 1) == slot.view(1, 1, -1)) & strong.unsqueeze(-1)
+    ).double()
     new = place.sum(-2) > 0
     on_projection = vectors * torch.where(strong, strength, 1.0).rsqrt().unsqueeze(-2) @ place
+    on_projection = torch.nn.functional.pad(on_projection, (0, 0, 0, width - read))  # unread rows: zero
     columns = [
         torch.baddbmm(basis, projection, t, out=o)
         for basis, projection, t, o in zip(

@@ -255,6 +255,7 @@ class GeoLoRAOptimizer(torch.optim.Optimizer):
             out=[self._buffers.scratch("columns", d.shape, d) for d in directions],
             projections_out=directions,
             overlap=overlaps,
+            rank_bound=max(batch.ranks),
         )
         return stacked, augmented
 
@@ -302,11 +303,8 @@ class GeoLoRAOptimizer(torch.optim.Optimizer):
         u_factor, v_factor = in_batch_order(augmented.r_factor, order)
         u_valid, v_valid = in_batch_order(augmented.valid, order)
         u_projections, v_projections = in_batch_order(augmented.projections, order)
-        finite = (
-            torch.isfinite(batch.s_new).all((-2, -1))
-            & in_batch_order(augmented.finite, order)[0]
-            & in_batch_order(augmented.finite, order)[1]
-        )
+        u_finite, v_finite = in_batch_order(augmented.finite, order)
+        finite = torch.isfinite(batch.s_new).all((-2, -1)) & u_finite & v_finite
         step, tangent_sq = self._step_size(batch, (u_projections, v_projections), (u_valid, v_valid), ranks, group)
         s = u_factor @ batch.s_new @ v_factor.mT  # S in the augmented bases
         s = augmented_coefficients(s, u_projections, v_projections.mT, ranks, widths, step)
