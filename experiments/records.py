@@ -178,8 +178,8 @@ def clean_for_commit(folder: str | Path, root: str | Path) -> int:
 
 
 def provenance(device) -> dict:
-    """What produced a run: the git commit (and whether the tree had uncommitted changes), package
-    versions and the device (GPU name on CUDA)."""
+    """What produced a run: the git commit (and whether the tree had uncommitted changes outside ``results/``,
+    which a rebuild of committed runs changes), package versions and the device (GPU name on CUDA)."""
     import subprocess
     from importlib import metadata
 
@@ -200,7 +200,7 @@ def provenance(device) -> dict:
             versions[package] = metadata.version(package)
         except metadata.PackageNotFoundError:
             versions[package] = None
-    status = git("status", "--porcelain", "--untracked-files=no")
+    status = git("status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)results")
     name = torch.cuda.get_device_name(device) if getattr(device, "type", "") == "cuda" else str(device)
     return {
         "commit": git("rev-parse", "HEAD"),
