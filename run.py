@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
@@ -24,6 +25,16 @@ sys.argv += distributed.hydra_overrides()  # torchrun: only rank 0's Hydra folde
 log = logging.getLogger("run")
 
 
+def keep_log_out_of(run_dir: str) -> None:
+    """A skipped run's folder stays as the run left it: this job's log goes to the console only (Hydra has
+    opened the run's ``run.log`` to append to it; it sets up logging afresh for the next job of a sweep)."""
+    root, folder = logging.getLogger(), Path(run_dir).resolve()
+    for handler in list(root.handlers):
+        if isinstance(handler, logging.FileHandler) and Path(handler.baseFilename).resolve().is_relative_to(folder):
+            root.removeHandler(handler)
+            handler.close()
+
+
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> float | None:
     from hydra.core.hydra_config import HydraConfig
@@ -35,6 +46,7 @@ def main(cfg: DictConfig) -> float | None:
     run_dir = distributed.agree(HydraConfig.get().runtime.output_dir)  # rank 0 decides (a ${now:} name differs)
     summary = finished_summary(run_dir) if cfg.skip_finished else None
     if summary is not None:
+        keep_log_out_of(run_dir)
         log.info("skip %s (done; skip_finished=false runs it again)", run_dir)
     else:
         summary = train(cfg, run_dir)

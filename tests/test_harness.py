@@ -230,10 +230,13 @@ def test_multirun_sweep_lands_in_separate_run_folders(deberta_dir, rte_dir, tmp_
     assert {json.loads(p.read_text())["method"] for p in summaries} == {"geolora", "lora"}
     assert list((tmp_path / "sweep" / "0" / "wandb").glob("offline-run-*"))  # W&B offline run written
 
-    stamps = [p.stat().st_mtime_ns for p in summaries]
+    written = [p for s in summaries for p in (s, s.parent / "run.log", s.parent / "metrics.jsonl")]
+    logs = [(p.parent / "run.log").read_text() for p in summaries]
+    stamps = [p.stat().st_mtime_ns for p in written]
     again = _cli(*sweep, cwd=tmp_path)  # the same sweep into the same folder
     assert again.returncode == 0 and (again.stdout + again.stderr).count("(done;") == 2
-    assert [p.stat().st_mtime_ns for p in summaries] == stamps  # finished runs are skipped, not redone
+    assert [p.stat().st_mtime_ns for p in written] == stamps  # finished runs are skipped, not redone or logged to
+    assert [(p.parent / "run.log").read_text() for p in summaries] == logs
 
 
 def test_timm_backbone_without_timm_is_one_line(monkeypatch, tmp_path):
