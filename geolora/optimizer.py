@@ -218,7 +218,8 @@ class GeoLoRAOptimizer(torch.optim.Optimizer):
         """The base step on a plan's stacked S, into new tensors (nothing is written yet)."""
         s = self._buffers.stacked_factors("coefficients", plan.coefficients)
         states = [self.state[p] for p in plan.coefficients]
-        moments = [self._moments(state, s[0]) for state in states]
+        like = s[0]  # indexing is an operator call: once, not once per layer
+        moments = [self._moments(state, like) for state in states]
         stacked = {
             key: self._buffers.stacked(
                 key, [m[key] for m in moments], lambda i, view, key=key: states[i].__setitem__(key, view)
