@@ -26,8 +26,10 @@ log = logging.getLogger("run")
 
 
 def keep_log_out_of(run_dir: str) -> None:
-    """A skipped run's folder stays as the run left it: this job's log goes to the console only (Hydra has
-    opened the run's ``run.log`` to append to it; it sets up logging afresh for the next job of a sweep)."""
+    """A skipped run's ``run.log`` stays as the run wrote it: this job's log goes to the console only (Hydra has
+    opened that file to append to it, and sets up logging afresh for the next job of a sweep). Hydra has also
+    rewritten the run's ``.hydra/`` copies by now; ``make reproduce-tables`` avoids that by not starting sweeps
+    whose runs are all finished."""
     root, folder = logging.getLogger(), Path(run_dir).resolve()
     for handler in list(root.handlers):
         if isinstance(handler, logging.FileHandler) and Path(handler.baseFilename).resolve().is_relative_to(folder):
