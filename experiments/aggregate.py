@@ -165,6 +165,16 @@ def _mean_curve(curves: list[tuple[list[int], list[float]]]) -> tuple[list[int],
     return curves[0][0][:length], [statistics.mean(c[1][i] for c in curves) for i in range(length)]
 
 
+def coefficient_steps_table(study: str, runs: list, out_png: Path, paper: dict) -> tuple[str, str]:
+    """Final metric, parameters in use (after the final truncation) and time per run for each coefficient-cycle
+    setting: c, how the new blocks start (h) and their second moments (seeds pooled)."""
+    rows = [
+        [task, str(c), h, moments, *_results(summaries)]
+        for (task, c, h, moments), summaries in _grouped(runs, "task", "c", "h", "moments")
+    ]
+    return _tables(["task", "c", "new blocks h", "new moments", *RESULT_COLUMNS], rows, text_columns=4)
+
+
 def initial_rank_figure(study: str, runs: list, out_png: Path, paper: dict) -> tuple[str, str]:
     """Parameters in use and validation metric over training, one line per initial rank (mean over seeds);
     returns the table of final results per initial rank."""
@@ -358,6 +368,7 @@ def _provenance(summaries: list[dict]) -> str:
 
 KINDS = {
     "methods": (methods_table, False),
+    "coefficient_steps": (coefficient_steps_table, False),
     "dreambooth": (dreambooth_figure, True),
     "initial_rank": (initial_rank_figure, True),
     "robustness": (robustness_figure, True),

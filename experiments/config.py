@@ -12,7 +12,7 @@ from typing import Any, Optional
 from hydra.core.config_store import ConfigStore
 
 from geolora import GeoLoRAConfig
-from geolora.optimizer import MOMENT_TRANSPORTS
+from geolora.optimizer import MOMENT_TRANSPORTS, NEW_BLOCK_STEPS, NEW_MOMENTS
 
 from .errors import UserError
 
@@ -118,13 +118,16 @@ GEOLORA_FIELDS = tuple(name for name, _, _ in _geolora_fields())
 
 # The method config: GeoLoRA's fields and defaults (rank_budget also sets AdaLoRA's target_r = budget /
 # layers; alpha is LoRA's and AdaLoRA's lora_alpha, dropout their lora_dropout), then the optimizer's moment
-# transport, then LoRA's r and AdaLoRA's settings (its init_r is init_rank).
+# transport and (coefficient cycles) how new blocks and their moments start, then LoRA's r and AdaLoRA's settings
+# (its init_r is init_rank).
 MethodConfig = dataclasses.make_dataclass(
     "MethodConfig",
     [
         ("name", MethodName, field(default=MethodName.geolora)),
         *_geolora_fields(),
         ("moment_transport", str, field(default="rotate")),
+        ("new_block_step", str, field(default="tangent")),
+        ("new_moments", str, field(default="zero")),
         ("r", int, field(default=8)),
         ("target_r", int, field(default=8)),
         ("tinit", int, field(default=200)),
@@ -227,6 +230,8 @@ def validate(cfg: Any) -> None:
         except ValueError as err:
             raise UserError(f"method settings: {err}") from None
     _check(m.moment_transport in MOMENT_TRANSPORTS, f"method.moment_transport must be one of {MOMENT_TRANSPORTS}")
+    _check(m.new_block_step in NEW_BLOCK_STEPS, f"method.new_block_step must be one of {NEW_BLOCK_STEPS}")
+    _check(m.new_moments in NEW_MOMENTS, f"method.new_moments must be one of {NEW_MOMENTS}")
     _check(m.r >= 1 and m.target_r >= 1, "method.r and method.target_r must be >= 1")
     _check(
         m.rank_budget is None or m.name != MethodName.lora,

@@ -30,6 +30,7 @@ class Adapted:
     # LoRA factors (A, B) at scale 1 of the adapters inside a submodule, by name relative to it (diffusers export)
     lora_factors: Callable[[nn.Module], dict[str, tuple[torch.Tensor, torch.Tensor]]]
     after_step: Callable[[int], None] = lambda step: None
+    after_training: Callable[[], None] = lambda: None  # after the last step, before the final evaluation
     state: Callable[[], dict] = dict  # what a checkpoint must keep beyond weights and optimizer (AdaLoRA's scores)
     load_state: Callable[[dict], None] = lambda state: None
     adapts_ranks: bool = False  # ranks change during training (a rank plot is worth drawing)
@@ -61,7 +62,12 @@ def use_geolora(model: nn.Module, model_cfg, method, trainer, total_steps: int) 
     config = geolora_config(model_cfg, method)
     geolora.inject(model, config)
     optimizer = geolora.GeoLoRAOptimizer(
-        model, lr=trainer.lr, weight_decay=trainer.weight_decay, moment_transport=method.moment_transport
+        model,
+        lr=trainer.lr,
+        weight_decay=trainer.weight_decay,
+        moment_transport=method.moment_transport,
+        new_block_step=method.new_block_step,
+        new_moments=method.new_moments,
     )
     return Adapted(
         model,
@@ -70,6 +76,7 @@ def use_geolora(model: nn.Module, model_cfg, method, trainer, total_steps: int) 
         trainable=lambda: geolora.count_trainable(model),
         save=lambda path: geolora.save_adapter(model, path),
         lora_factors=geolora.io.lora_factors,
+        after_training=optimizer.truncate,  # a run ending mid-cycle is evaluated, saved and exported truncated
         adapts_ranks=True,
         settings=config.to_dict(),
     )

@@ -3,8 +3,9 @@ run folders (never from numbers typed by hand).
 
 Studies: ``methods`` (main metric per task x method, mean +- std over seeds, parameters in use, time),
 ``initial_rank`` (GeoLoRA from several initial ranks: parameters in use and validation metric over
-training, the paper's Figure 2a/b) and ``robustness`` (learning rate x rank budget, GeoLoRA vs AdaLoRA,
-diverged runs shown as nan, Figure 2c/d). Each study is a file ``conf/study/<profile>/<study>.yaml``
+training, the paper's Figure 2a/b), ``robustness`` (learning rate x rank budget, GeoLoRA vs AdaLoRA,
+diverged runs shown as nan, Figure 2c/d), ``coefficient_steps`` (GeoLoRA's coefficient cycles: c and how new
+blocks start) and ``dreambooth``. Each study is a file ``conf/study/<profile>/<study>.yaml``
 (adding a study is adding a file) holding one or more Hydra multiruns of ``run.py`` (``--hydra
 hydra/launcher=...`` sends them to a cluster); each run lands in
 ``results/runs/<profile>/<study>/<its swept overrides>/`` and is skipped when the command is run again.
@@ -33,7 +34,7 @@ STUDIES = ROOT / "conf" / "study"
 @dataclass
 class Study:
     name: str
-    kind: str  # methods | initial_rank | robustness
+    kind: str  # a key of experiments.aggregate.KINDS
     axes: dict[str, str]  # what a table or figure groups by -> the override key that sets it
     sweeps: list[list[str]]  # one Hydra multirun each: overrides, "key=a,b" sweeps over a and b
 

@@ -281,6 +281,8 @@ def fit(run: Run, position: dict | None = None) -> None:
                 bar.update(1)
                 step, last = state.step, state.step == state.total_steps
                 _count(run, applied, loss)
+                if last:
+                    adapted.after_training()
                 if step % trainer.log_every == 0 or last:
                     loss = distributed.mean(loss, run.context)  # the global batch's loss
                     record = {

@@ -14,9 +14,11 @@ def decide(
     others: list[tuple[str, torch.Tensor]],
     others_finite: torch.Tensor | None,
     rank_budget: int | None,
+    truncating: bool = True,
 ) -> list[int]:
     """New ranks for every layer of an adapting step (``decomposed``: the optimizer's batches after the augmented
-    SVD; none on a coefficient-only step) by the tau rule or the global ``rank_budget``; raises
+    SVD, or the SVD of S at a cycle's end; none on a coefficient-only step) by the tau rule or the global
+    ``rank_budget`` (``truncating``), or what the augmented bases hold (a cycle's first step); raises
     ``FloatingPointError`` naming the layers or parameters with a non-finite gradient (or an update too large for
     the dtype)."""
     if decomposed:
@@ -26,7 +28,7 @@ def decide(
     names = [name for b in batches for name in b.plan.names] + [name for name, _ in others]
     flags = torch.cat(finite + ([others_finite] if others_finite is not None else []))
     new_ranks: list[int] = []
-    if rank_budget is not None and decomposed:
+    if rank_budget is not None and decomposed and truncating:
         layers = [layer for d in decomposed for layer in d.batch.plan.layers]
         # Per layer: its singular values, then its capacity; batches may differ in R.
         rows = [torch.cat([d.sigma, d.capacity.unsqueeze(-1).to(d.sigma.dtype)], -1) for d in decomposed]
@@ -47,9 +49,8 @@ def decide(
         ranks = []
         for d in decomposed:
             first = d.batch.plan.layers[0]
-            ranks.append(
-                torch.minimum(truncation_ranks(d.sigma, first.tau, first.min_rank, first.max_rank), d.capacity)
-            )
+            cut = truncation_ranks(d.sigma, first.tau, first.min_rank, first.max_rank) if truncating else d.capacity
+            ranks.append(torch.minimum(cut, d.capacity))
         values = torch.cat(ranks + [flags.long()]).tolist()  # the sync
         new_ranks, host_flags = values[: len(values) - flags.numel()], values[len(values) - flags.numel() :]
     bad = [name for name, ok in zip(names, host_flags) if not ok]

@@ -10,7 +10,11 @@ exact K-/L-gradients in ``U.grad`` / ``V.grad`` (see ``layer.py``):
 3. SVD ``P Sigma Q^T`` of the augmented coefficients ``[[S', -h_L G_L^T Vbar], [-h_K Ubar^T G_K, 0]]``;
 4. truncate (relative tau rule per layer, or a global ``rank_budget``) and rotate U, V, S.
 
-With ``coefficient_steps = c``, steps 2-4 run every ``c + 1`` steps and only S moves in between.
+With ``coefficient_steps = c > 0`` the step runs in cycles of ``c + 1`` steps (as the authors' code does): the
+cycle's first step augments (steps 1-3) and installs the augmented layer at rank ``min(2r, R)`` without
+truncating (its S is ``[[S', -h G_L^T Vbar], [-h Ubar^T G_K, 0]]``), the next c steps train the whole augmented S,
+and after the cycle's last step S is decomposed and truncated (step 4). New directions are thus trained for c
+steps before they are judged. ``truncate()`` truncates mid-cycle (e.g. after the last training step).
 
 The step size of the new blocks is ``h = lr`` with SGD (exactly the integrator). With AdamW it is
 ``lr / (sqrt(max(v, q)) + eps)``, q the mean square of the layer's tangent gradient in the augmented
@@ -56,6 +60,8 @@ from .stacking import Buffers, Plan, in_batch_order, make_plans
 
 BASE_OPTIMIZERS = tuple(MOMENTS)
 MOMENT_TRANSPORTS = ("rotate", "reset")
+NEW_BLOCK_STEPS = ("tangent", "lr")  # h of the new blocks with AdamW: the tangent rule, or lr (the authors' code)
+NEW_MOMENTS = ("zero", "tangent")  # second moment of the new entries of S under cycles: zero, or the tangent's
 
 
 class _Batch(NamedTuple):
@@ -72,17 +78,20 @@ class _Batch(NamedTuple):
 
 
 class _Decomposed(NamedTuple):
-    """One batch after the augmented SVD, before truncation."""
+    """One batch before its new factors are written: after the augmented SVD (to be truncated), after the
+    augmentation alone (a cycle's first step: P, Q pick the augmented columns, S is the augmented S), or after
+    the SVD of S alone (a cycle's truncation: ``augmented`` is None, P and Q rotate the bases)."""
 
     batch: _Batch
     stacked: list[torch.Tensor]  # the U/V factor groups stacked: the factors are views of these
-    augmented: Augmented
-    u_factor: torch.Tensor  # old basis = augmented[:, :r] @ factor, B x R x R
-    v_factor: torch.Tensor
-    P: torch.Tensor  # the SVD P Sigma Q^T of the augmented coefficients: B x R x R
-    sigma: torch.Tensor  # B x R, zero beyond what the augmented bases can hold
+    augmented: Augmented | None
+    u_factor: torch.Tensor | None  # old basis = augmented[:, :r] @ factor, B x R x R (None: the identity)
+    v_factor: torch.Tensor | None
+    P: torch.Tensor  # new basis = augmented (or old) basis @ P, B x R x R
+    sigma: torch.Tensor  # B x R, zero beyond what the augmented bases can hold (truncating) or None
     Q: torch.Tensor
-    capacity: torch.Tensor  # B: the most columns both augmented bases can give
+    coefficients: torch.Tensor  # the new S before the cut to the new ranks: diag(sigma), or the augmented S
+    capacity: torch.Tensor  # B: the most columns both (augmented) bases can give
     tangent_sq: tuple[torch.Tensor, torch.Tensor] | None  # (AdamW) the stacked running mean squares of the
     # tangent gradients (B, the states hold views) and their new values
     finite: torch.Tensor  # B bool
@@ -113,11 +122,17 @@ class GeoLoRAOptimizer(torch.optim.Optimizer):
         eps: float = 1e-8,
         momentum: float = 0.0,
         moment_transport: str = "rotate",
+        new_block_step: str = "tangent",
+        new_moments: str = "zero",
     ) -> None:
         if base_optimizer not in BASE_OPTIMIZERS:
             raise ValueError(f"base_optimizer must be one of {BASE_OPTIMIZERS}, got {base_optimizer!r}")
         if moment_transport not in MOMENT_TRANSPORTS:
             raise ValueError(f"moment_transport must be one of {MOMENT_TRANSPORTS}, got {moment_transport!r}")
+        if new_block_step not in NEW_BLOCK_STEPS:
+            raise ValueError(f"new_block_step must be one of {NEW_BLOCK_STEPS}, got {new_block_step!r}")
+        if new_moments not in NEW_MOMENTS:
+            raise ValueError(f"new_moments must be one of {NEW_MOMENTS}, got {new_moments!r}")
         if lr < 0:
             raise ValueError(f"lr must be >= 0, got {lr}")
         config = config_of(model)
@@ -128,13 +143,16 @@ class GeoLoRAOptimizer(torch.optim.Optimizer):
         factor_ids = {id(p) for p in factors}
         others = [(name, p) for name, p in model.named_parameters() if p.requires_grad and id(p) not in factor_ids]
         self.other_names = [name for name, _ in others]
-        groups = [{"params": factors, "role": "adapters", "step": 0}]
+        # pending: the layers were augmented by a cycle's first step and are not truncated yet
+        groups = [{"params": factors, "role": "adapters", "step": 0, "pending": False}]
         if others:
             groups.append({"params": [p for _, p in others], "role": "others"})
         defaults = dict(lr=lr, weight_decay=weight_decay, betas=tuple(betas), eps=eps, momentum=momentum)
         super().__init__(groups, defaults)
         self.base_optimizer = base_optimizer
         self.moment_transport = moment_transport
+        self.new_block_step = new_block_step
+        self.new_moments = new_moments
         self.coefficient_steps = config.coefficient_steps
         self.rank_budget = config.rank_budget
         self._buffers = Buffers()
@@ -155,13 +173,22 @@ class GeoLoRAOptimizer(torch.optim.Optimizer):
         ]
         # A sum is non-finite when any entry is (or the gradient overflows): one reduction per tensor.
         others_finite = torch.isfinite(torch.stack([p.grad.sum() for _, p in others])) if others else None
-        adapt = group["step"] % (self.coefficient_steps + 1) == 0
+        cycle, phase = self.coefficient_steps, group["step"] % (self.coefficient_steps + 1)
         batches = [self._coefficient_step(plan, group) for plan in self._plans_for(group)]
-        decomposed = [self._augmented_svd(batch, group) for batch in batches] if adapt else []
-        new_ranks = decide(batches, decomposed, others, others_finite, self.rank_budget)  # raises before any write
+        truncating = phase == cycle  # c = 0: augment and truncate in one step
+        if phase == 0:
+            decomposed = [self._augmented_svd(batch, group, decompose=truncating) for batch in batches]
+        elif truncating:
+            decomposed = [self._truncation_svd(batch) for batch in batches]
+        else:
+            decomposed = []
+        new_ranks = decide(
+            batches, decomposed, others, others_finite, self.rank_budget, truncating
+        )  # raises before any write
         group["step"] += 1
-        if adapt:
+        if decomposed:
             self._commit_adapting(decomposed, new_ranks)
+            group["pending"] = not truncating
         else:
             for batch in batches:
                 self._commit_coefficients(batch, batch.s_new, batch.moments_new)
@@ -173,6 +200,27 @@ class GeoLoRAOptimizer(torch.optim.Optimizer):
                     state["step"] += 1
                     base_step(self.base_optimizer, param, param.grad, moments, state["step"], g)
         return loss
+
+    @torch.no_grad()
+    def truncate(self) -> None:
+        """Truncate every layer now (tau rule or rank budget, moments rotated, atomic like ``step``), where a
+        cycle's first step augmented them and its last has not truncated them yet: after the last training
+        step, the adapter that is evaluated, saved and exported is a truncated one. Elsewhere (c = 0, or at a
+        cycle's end) there is nothing to truncate and nothing changes. The schedule of cycles goes on as before."""
+        group = self.param_groups[0]
+        if not group["pending"]:
+            return
+        indices = [i for i, layer in enumerate(self.layers) if not layer.merged]
+        plans = make_plans(
+            [self.layers[i] for i in indices],
+            [self.layer_names[i] for i in indices],
+            [group["params"][3 * i : 3 * i + 3] for i in indices],
+        )
+        batches = [self._current(plan) for plan in plans]
+        decomposed = [self._truncation_svd(batch) for batch in batches]
+        new_ranks = decide(batches, decomposed, [], None, self.rank_budget, True)
+        self._commit_adapting(decomposed, new_ranks, count=False)
+        group["pending"] = False
 
     def _moments(self, state: dict, like: torch.Tensor) -> dict[str, torch.Tensor]:
         """The base optimizer's moment tensors in ``state`` (see ``_state_tensor``)."""
@@ -214,8 +262,8 @@ class GeoLoRAOptimizer(torch.optim.Optimizer):
             )
         return self._plans[1]
 
-    def _coefficient_step(self, plan: Plan, group: dict) -> _Batch:
-        """The base step on a plan's stacked S, into new tensors (nothing is written yet)."""
+    def _stacked_state(self, plan: Plan) -> tuple[torch.Tensor, list[dict], dict[str, torch.Tensor]]:
+        """A plan's S and their moments, stacked (the parameters and the states hold views), and the states."""
         s = self._buffers.stacked_factors("coefficients", plan.coefficients)
         states = [self.state[p] for p in plan.coefficients]
         like = s[0]  # indexing is an operator call: once, not once per layer
@@ -226,6 +274,11 @@ class GeoLoRAOptimizer(torch.optim.Optimizer):
             )
             for key in moments[0]
         }
+        return s, states, stacked
+
+    def _coefficient_step(self, plan: Plan, group: dict) -> _Batch:
+        """The base step on a plan's stacked S, into new tensors (nothing is written yet)."""
+        s, states, stacked = self._stacked_state(plan)
         steps = [state["step"] + 1 for state in states]
         steps = (
             steps[0] if len(set(steps)) == 1 else torch.tensor(steps, dtype=s.dtype, device=s.device).view(-1, 1, 1)
@@ -234,6 +287,11 @@ class GeoLoRAOptimizer(torch.optim.Optimizer):
         s_new, moments_new = s.clone(), {key: value.clone() for key, value in stacked.items()}
         base_step(self.base_optimizer, s_new, grad_s, moments_new, steps, group)
         return _Batch(plan, [layer.rank for layer in plan.layers], s, s_new, grad_s, stacked, moments_new, steps)
+
+    def _current(self, plan: Plan) -> _Batch:
+        """A plan's layers as they are, for a truncation outside a step (no gradient, no base step)."""
+        s, states, stacked = self._stacked_state(plan)
+        return _Batch(plan, [layer.rank for layer in plan.layers], s, s, None, stacked, stacked, 0)
 
     def _augment(self, batch: _Batch, widths: list[int]) -> tuple[list[torch.Tensor], Augmented]:
         """Augment a batch's bases (U and V factors alike) by their gradients (the K- and L-gradients),
@@ -272,6 +330,7 @@ class GeoLoRAOptimizer(torch.optim.Optimizer):
         layers' tangent gradients ``[G_S, Ubar^T G_K, G_L^T Vbar]``."""
         if self.base_optimizer != "adamw":
             return group["lr"], None
+        # The running mean square is kept with either rule: new_moments="tangent" starts new entries from it.
         old = columns_in_use(ranks, batch.s.shape[-1])
         squares, counts = [batch.grad_s.pow(2).sum((-2, -1))], [ranks**2]
         for projection, columns in zip(projections, valid):
@@ -291,11 +350,15 @@ class GeoLoRAOptimizer(torch.optim.Optimizer):
         running = torch.where(previous > 0, beta2 * previous + (1 - beta2) * mean_square, mean_square)
         # The larger of the running and the current mean square: a gradient surge cannot enlarge the step.
         step = group["lr"] / (torch.maximum(running, mean_square).sqrt() + group["eps"])
+        if self.new_block_step == "lr":
+            return group["lr"], (previous, running)
         return step.view(-1, 1, 1), (previous, running)
 
-    def _augmented_svd(self, batch: _Batch, group: dict) -> _Decomposed:
+    def _augmented_svd(self, batch: _Batch, group: dict, decompose: bool = True) -> _Decomposed:
         """For a batch of layers: augmented bases and the SVD (P, sigma, Q) of the augmented
-        coefficient matrices, all at the fixed size R (the layers' maximum rank)."""
+        coefficient matrices, all at the fixed size R (the layers' maximum rank). ``decompose=False`` (a
+        cycle's first step) keeps the augmented S as it is: P and Q then only pick the columns both augmented
+        bases can give (the old ones first, in place)."""
         device, max_rank = batch.s.device, batch.plan.layers[0].max_rank
         host_widths = [min(r, max_rank - r) for r in batch.ranks]
         stacked, augmented = self._augment(batch, host_widths)
@@ -311,43 +374,75 @@ class GeoLoRAOptimizer(torch.optim.Optimizer):
         s = augmented_coefficients(s, u_projections, v_projections.mT, ranks, widths, step)
         finite = finite & torch.isfinite(s).all((-2, -1))  # also a step too large for the dtype
         s = torch.where(finite.view(-1, 1, 1), s, 0.0)  # a non-finite layer is refused after the sync
-        # Columns an augmented basis leaves out are zero. A partial identity between the columns in use,
-        # at rounding size, makes the SVD put the singular vectors of zero singular values there (they
-        # are kept when min_rank asks for more than the nonzero ones), never on a zero column.
-        norm = torch.linalg.matrix_norm(s)
-        norm = torch.where(torch.isfinite(norm), norm, torch.linalg.matrix_norm(s.double()).to(s.dtype))  # overflow
-        nudge = 10 * torch.finfo(s.dtype).eps * (norm + 1e-20).view(-1, 1, 1)
+        capacity = torch.minimum(u_valid.sum(-1), v_valid.sum(-1))
+        if not decompose:
+            P, Q = (_first_columns(valid, capacity).to(s.dtype) for valid in (u_valid, v_valid))
+            return _Decomposed(
+                batch, stacked, augmented, u_factor, v_factor, P, None, Q, P.mT @ s @ Q, capacity, tangent_sq, finite
+            )
+        nudge = _nudge(s)  # columns an augmented basis leaves out are zero: see _nudge
         P, sigma, Q_t = torch.linalg.svd(s + nudge * matched_identity(u_valid, v_valid).to(s.dtype))
         sigma = torch.where(sigma > 2 * nudge.view(-1, 1), sigma, 0.0)
-        capacity = torch.minimum(u_valid.sum(-1), v_valid.sum(-1))
         return _Decomposed(
-            batch, stacked, augmented, u_factor, v_factor, P, sigma, Q_t.mT, capacity, tangent_sq, finite
+            batch,
+            stacked,
+            augmented,
+            u_factor,
+            v_factor,
+            P,
+            sigma,
+            Q_t.mT,
+            torch.diag_embed(sigma),
+            capacity,
+            tangent_sq,
+            finite,
         )
 
-    def _commit_coefficients(self, batch: _Batch, s: torch.Tensor, moments: dict[str, torch.Tensor]) -> None:
-        """Write a batch's new S and moments and count the step."""
+    def _truncation_svd(self, batch: _Batch) -> _Decomposed:
+        """The SVD of a batch's S (after the base step, if any) at its current ranks, as a cycle's truncation
+        needs it: the bases are rotated by P and Q."""
+        s, plan = batch.s_new, batch.plan
+        ranks = torch.tensor(batch.ranks, device=s.device)
+        finite = torch.isfinite(s).all((-2, -1))
+        if batch.grad_s is not None:
+            finite = finite & torch.isfinite(batch.grad_s).all((-2, -1))
+        s = torch.where(finite.view(-1, 1, 1), s, 0.0)
+        in_use = columns_in_use(ranks, s.shape[-1])
+        P, sigma, Q_t = torch.linalg.svd(s + _nudge(s) * matched_identity(in_use, in_use).to(s.dtype))
+        sigma = torch.where(sigma > 2 * _nudge(s).view(-1, 1), sigma, 0.0)
+        stacked = [self._buffers.stacked_factors("bases", g) for g in plan.groups]
+        return _Decomposed(
+            batch, stacked, None, None, None, P, sigma, Q_t.mT, torch.diag_embed(sigma), ranks, None, finite
+        )
+
+    def _commit_coefficients(
+        self, batch: _Batch, s: torch.Tensor, moments: dict[str, torch.Tensor], count: bool = True
+    ) -> None:
+        """Write a batch's new S and moments and (``count``) count the step."""
         batch.s.copy_(s)
         for key, value in moments.items():
             batch.moments[key].copy_(value)
-        for p in batch.plan.coefficients:
-            self.state[p]["step"] += 1
+        if count:
+            for p in batch.plan.coefficients:
+                self.state[p]["step"] += 1
 
-    def _commit_adapting(self, decomposed: list[_Decomposed], new_ranks: list[int]) -> None:
+    def _commit_adapting(self, decomposed: list[_Decomposed], new_ranks: list[int], count: bool = True) -> None:
         """Rotate and cut the factors and moments of every batch to the new ranks."""
         start = 0
         for d in decomposed:
-            members, sigma = d.batch.plan.layers, d.sigma
+            members, width = d.batch.plan.layers, d.P.shape[-1]
             host_ranks = new_ranks[start : start + len(members)]
             start += len(members)
-            keep = columns_in_use(torch.tensor(host_ranks, device=sigma.device), sigma.shape[-1]).to(sigma.dtype)
+            keep = columns_in_use(torch.tensor(host_ranks, device=d.P.device), width).to(d.P.dtype)
             # Rotations zero beyond the new rank (as the layers keep them).
             rotations = (torch.cat([d.P, d.Q]) * keep.repeat(2, 1).unsqueeze(-2))[d.batch.plan.order]
-            d.augmented.product(rotations, out=d.stacked)  # into the layers' U and V
-            self._commit_coefficients(
-                d.batch,
-                torch.diag_embed(sigma * keep),
-                self._transported_moments(d, keep.unsqueeze(-1) * keep.unsqueeze(-2)),
-            )
+            if d.augmented is not None:
+                d.augmented.product(rotations, out=d.stacked)  # into the layers' U and V
+            else:
+                for stacked, rotation in zip(d.stacked, rotations.split([len(s) for s in d.stacked])):
+                    stacked.copy_(torch.bmm(stacked, rotation))
+            block = keep.unsqueeze(-1) * keep.unsqueeze(-2)
+            self._commit_coefficients(d.batch, d.coefficients * block, self._transported_moments(d, block), count)
             if d.tangent_sq is not None:
                 stacked_sq, value = d.tangent_sq
                 stacked_sq.copy_(value)
@@ -361,11 +456,31 @@ class GeoLoRAOptimizer(torch.optim.Optimizer):
     def _transported_moments(self, d: _Decomposed, block: torch.Tensor) -> dict[str, torch.Tensor]:
         """Adam moments of S carried into the new bases and cut to the new ranks (``block``): first into
         the augmented bases as S is (through the r_factors), then along the kept singular vectors."""
-        moments = dict(d.batch.moments_new)
+        moments, factored = dict(d.batch.moments_new), d.u_factor is not None
         if "exp_avg" in moments:
-            first = d.u_factor @ moments["exp_avg"] @ d.v_factor.mT
+            first = d.u_factor @ moments["exp_avg"] @ d.v_factor.mT if factored else moments["exp_avg"]
             moments["exp_avg"] = transport_first_moment(first, d.P, d.Q) * block
         if "exp_avg_sq" in moments:
-            second = d.u_factor**2 @ moments["exp_avg_sq"] @ (d.v_factor**2).mT
+            second = d.u_factor**2 @ moments["exp_avg_sq"] @ (d.v_factor**2).mT if factored else moments["exp_avg_sq"]
             moments["exp_avg_sq"] = transport_second_moment(second, d.P, d.Q) * block
+            if d.sigma is None and self.new_moments == "tangent":  # a cycle's new entries
+                # v = (1 - beta2^t) q: Adam's bias-corrected second moment starts at the tangent's mean square q.
+                old = columns_in_use(torch.tensor(d.batch.ranks, device=block.device), block.shape[-1]).to(block.dtype)
+                start = (1 - self.param_groups[0]["betas"][1] ** d.batch.steps) * d.tangent_sq[1].view(-1, 1, 1)
+                moments["exp_avg_sq"] = moments["exp_avg_sq"] + start * (block - old.unsqueeze(-1) * old.unsqueeze(-2))
         return moments
+
+
+def _first_columns(valid: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+    """B x R x R selection: the first ``count`` valid columns of each basis, moved to the front in order."""
+    chosen = valid & (valid.cumsum(-1) <= count.unsqueeze(-1))
+    return matched_identity(chosen, columns_in_use(count, valid.shape[-1]))
+
+
+def _nudge(s: torch.Tensor) -> torch.Tensor:
+    """B x 1 x 1: a partial identity of this size between the columns in use, added before an SVD, makes it put
+    the singular vectors of zero singular values there (they are kept when min_rank asks for more than the
+    nonzero ones), never on a zero column; it is rounding-sized (10 eps of the norm of S)."""
+    norm = torch.linalg.matrix_norm(s)
+    norm = torch.where(torch.isfinite(norm), norm, torch.linalg.matrix_norm(s.double()).to(s.dtype))  # overflow
+    return 10 * torch.finfo(s.dtype).eps * (norm + 1e-20).view(-1, 1, 1)

@@ -12,6 +12,11 @@ Per adapter ``W = alpha U S V^T`` of rank r (maximum R), from ``G_S = U.grad``-s
    running average (first value as is, then ``beta2``-averaged): new directions enter at Adam's scale;
 4. keep the smallest rank with ``||sigma_tail|| <= tau ||sigma||`` in [min_rank, max_rank] (or the largest
    ``rank_budget`` singular values over all layers); rotate U, V, S and the S moments into the new bases.
+
+With ``coefficient_steps = c > 0``, steps 2-3 run at the first step of each cycle of c + 1 steps and the layer
+goes on at the augmented rank (``min(#Ubar, #Vbar)`` new columns, moments zero there or, ``new_moments="tangent"``,
+the second moment ``(1 - beta2^t) v``); the next c steps are step 1 on the whole augmented S, and step 4 (SVD of
+S) follows the cycle's last step. ``new_block_step="lr"`` makes h = lr with AdamW too (the authors' code).
 """
 
 from __future__ import annotations
@@ -35,19 +40,12 @@ def _new_directions(basis, grad, width):
 class ReferenceStep:
     """``step()`` applies the GeoLoRA step to every adapter of ``model`` with a gradient."""
 
-    def __init__(
-        self, model, lr, weight_decay=0.0, base_optimizer="adamw", betas=(0.9, 0.999), eps=1e-8, momentum=0.0
-    ):
+    def __init__(self, model, lr, weight_decay=0.0, base_optimizer="adamw", betas=(0.9, 0.999), eps=1e-8, **options):
         self.layers, self.config = [layer for _, layer in adapters(model)], config_of(model)
-        self.lr, self.wd, self.base, self.betas, self.eps, self.momentum = (
-            lr,
-            weight_decay,
-            base_optimizer,
-            betas,
-            eps,
-            momentum,
-        )
-        self.state, self.count = {layer: {} for layer in self.layers}, 0
+        self.lr, self.wd, self.base, self.betas, self.eps = lr, weight_decay, base_optimizer, betas, eps
+        self.momentum = options.get("momentum", 0.0)
+        self.h_rule, self.new_moments = options.get("new_block_step", "tangent"), options.get("new_moments", "zero")
+        self.state, self.count, self.augmented = {layer: {} for layer in self.layers}, 0, False
 
     def _coefficient_step(self, s, g, st):
         if self.base == "sgd":
@@ -67,7 +65,11 @@ class ReferenceStep:
         mean_square = sum(b.pow(2).sum() for b in blocks) / sum(b.numel() for b in blocks)
         old = st.get("tangent_sq", torch.zeros((), dtype=mean_square.dtype))
         st["tangent_sq"] = mean_square if old == 0 else self.betas[1] * old + (1 - self.betas[1]) * mean_square
-        return self.lr / (torch.maximum(st["tangent_sq"], mean_square).sqrt() + self.eps)
+        return (
+            self.lr
+            if self.h_rule == "lr"
+            else self.lr / (torch.maximum(st["tangent_sq"], mean_square).sqrt() + self.eps)
+        )
 
     def _ranks(self, sigmas, layers):
         if self.config.rank_budget is None:
@@ -86,17 +88,30 @@ class ReferenceStep:
             floors[i] += 1
         return floors
 
+    @staticmethod
+    def _svd(layer, u, s, v):
+        P, sigma, Q_t = torch.linalg.svd(s)
+        return layer, u, v, P, torch.where(sigma > 20 * torch.finfo(s.dtype).eps * s.norm(), sigma, 0.0), Q_t.T
+
+    @torch.no_grad()
+    def truncate(self):
+        """Truncate every layer a cycle has augmented and not yet truncated."""
+        if self.augmented:
+            self._truncate([self._svd(layer, layer.u, layer.s, layer.v) for layer in self.layers])
+        self.augmented = False
+
     @torch.no_grad()
     def step(self):
-        adapt, self.count = self.count % (self.config.coefficient_steps + 1) == 0, self.count + 1
-        pending = []
+        c = self.config.coefficient_steps
+        phase, self.count, pending = self.count % (c + 1), self.count + 1, []
         for layer in (layer for layer in self.layers if layer.S.grad is not None):
             st, r, big = self.state[layer], layer.rank, layer.max_rank
             st["step"] = st.get("step", 0) + 1
             u, v = layer.u.clone(), layer.v.clone()
             s = self._coefficient_step(layer.s.clone(), layer.S.grad[:r, :r], st)
-            if not adapt:
+            if phase != 0:
                 layer.set_factors(u, s, v)
+                pending += [self._svd(layer, u, s, v)] if phase == c else []
                 continue
             ubar, k_block = _new_directions(u, layer.U.grad[:, :r], min(r, big - r))
             vbar, l_block = _new_directions(v, layer.V.grad[:, :r], min(r, big - r))
@@ -104,9 +119,23 @@ class ReferenceStep:
             aug[:r, :r] = s
             h = self._block_step([layer.S.grad[:r, :r], k_block, l_block], st)
             aug[r:, :r], aug[:r, r:] = -h * k_block, -h * l_block.T
-            P, sigma, Q_t = torch.linalg.svd(aug)
-            sigma = torch.where(sigma > 20 * torch.finfo(s.dtype).eps * aug.norm(), sigma, 0.0)
-            pending.append((layer, torch.cat([u, ubar], 1), torch.cat([v, vbar], 1), P, sigma, Q_t.T))
+            u, v = torch.cat([u, ubar], 1), torch.cat([v, vbar], 1)
+            if c == 0:
+                pending.append(self._svd(layer, u, aug, v))
+                continue
+            k = r + min(ubar.shape[1], vbar.shape[1])  # the cycle goes on at the augmented rank
+            for key in (key for key in ("exp_avg", "exp_avg_sq") if key in st):
+                st[key] = torch.nn.functional.pad(st[key], (0, k - r, 0, k - r))
+            if self.new_moments == "tangent" and "exp_avg_sq" in st:
+                new = torch.ones_like(st["exp_avg_sq"])
+                new[:r, :r] = 0
+                st["exp_avg_sq"] += (1 - self.betas[1] ** st["step"]) * st["tangent_sq"] * new
+            layer.set_factors(u[:, :k], aug[:k, :k], v[:, :k])
+        if phase == c:
+            self._truncate(pending)
+        self.augmented = phase != c and (self.augmented or phase == 0)
+
+    def _truncate(self, pending):
         ranks = self._ranks([p[4] for p in pending], [p[0] for p in pending])
         for (layer, u_aug, v_aug, P, sigma, Q), k in zip(pending, ranks):
             st, r = self.state[layer], layer.rank

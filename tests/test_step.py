@@ -8,7 +8,7 @@ from conftest import adapted_linear, least_squares, mse
 from torch import nn
 
 import geolora
-from geolora.linalg import random_orthonormal
+from geolora.linalg import random_orthonormal, truncation_ranks
 
 
 def _tangent_projection(u: torch.Tensor, v: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
@@ -181,19 +181,30 @@ def test_truncation_keeps_the_function_continuous():
     assert (model(x) - before).norm(dim=-1).max() <= tail * x.norm(dim=-1).max() + 1e-4
 
 
-def test_coefficient_steps_only_move_s_between_adaptations():
+def test_a_cycle_trains_the_augmented_rank_then_truncates():
+    """c = 3: the cycle's first step augments (rank 3 -> 6, no truncation), the next three move only S at the
+    augmented rank, and after the last S is decomposed and truncated by the tau rule (bases rotated)."""
     x, y = least_squares()
-    model = adapted_linear(init_rank=3, max_rank=12, tau=0.05, coefficient_steps=3)
+    model = adapted_linear(init_rank=3, max_rank=12, tau=0.3, coefficient_steps=3)
     layer = model[0]
     opt = geolora.GeoLoRAOptimizer(model, lr=0.05)
-    changed = []
+    changed, ranks, diagonal, expected = [], [], [], []
     for _ in range(9):
         u_before = layer.U.detach().clone()
         mse(model, x, y).backward()
+        s_before = layer.s.detach().clone()
         opt.step()
         opt.zero_grad()
         changed.append(not torch.equal(u_before, layer.U))
-    assert changed == [True, False, False, False, True, False, False, False, True]
+        ranks.append(layer.rank)
+        diagonal.append(bool(torch.equal(layer.s, torch.diag(torch.diagonal(layer.s)))))
+        sigma = torch.linalg.svdvals(s_before)  # the tau rule's rank of the S the last step started from
+        expected.append(int(truncation_ranks(sigma.unsqueeze(0), 0.3, layer.min_rank, layer.max_rank)[0]))
+    assert changed == [True, False, False, True, True, False, False, True, True]
+    assert ranks[:3] == [6, 6, 6] and ranks[3] < 6 and ranks[4] == min(2 * ranks[3], 12)
+    assert diagonal[3] and diagonal[7] and not any(diagonal[1:3])
+    # S moved one more step before the SVD, so the rule's rank of the S before it is a close check, not exact.
+    assert abs(ranks[3] - expected[3]) <= 1
 
 
 def test_global_rank_budget_caps_total_rank():
