@@ -9,17 +9,22 @@ import logging
 import math
 import os
 import statistics
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from omegaconf import OmegaConf
 
 from .records import finished_summary
 
-if TYPE_CHECKING:
-    from .reproduce import Study
-
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class Study:
+    name: str
+    kind: str  # a key of KINDS
+    axes: dict[str, str]  # what a table or figure groups by -> the override key that sets it
+    sweeps: list[list[str]]  # one Hydra multirun each: overrides, "key=a,b" sweeps over a and b
 
 
 def _value(text: str):

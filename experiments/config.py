@@ -168,7 +168,9 @@ class LoggerConfig:
     project: str = "geolora"
     mode: str = "offline"  # offline | online | disabled
     entity: Optional[str] = None
-    tags: list[str] = field(default_factory=list)
+    tags: list[str] = field(default_factory=list)  # the run's task:<name> and seed:<n> are added
+    group: Optional[str] = None  # W&B group (make reproduce-tables: <profile>/<study>)
+    job_type: Optional[str] = None  # default: the method's name
 
 
 @dataclass
@@ -198,6 +200,15 @@ def register() -> None:
     ConfigStore.instance().store(name="run_schema", node=RunConfig)
 
 
+def geolora_config(model_cfg, method) -> GeoLoRAConfig:
+    """The library config of a run; its constructor checks the ranks, tau and dropout."""
+    return GeoLoRAConfig(
+        target_modules=list(model_cfg.target_modules),
+        modules_to_save=list(model_cfg.modules_to_save),
+        **{name: getattr(method, name) for name in GEOLORA_FIELDS},
+    )
+
+
 SCHEDULES = ("linear", "constant")
 METRICS = ("accuracy", "accuracy_f1", "matthews", "pearson_spearman", "denoising")
 
@@ -223,8 +234,6 @@ def validate(cfg: Any) -> None:
         f"model.library must be transformers or timm, got {cfg.model.library!r}",
     )
     if m.name == MethodName.geolora:
-        from .methods import geolora_config
-
         try:
             geolora_config(cfg.model, m)
         except ValueError as err:

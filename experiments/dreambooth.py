@@ -34,7 +34,7 @@ from .diffusion import (
 )
 from .dreambooth_images import instance_images, to_pixels
 from .errors import UserError
-from .models import pick_device
+from .models import autocast, pick_device
 
 log = logging.getLogger(__name__)
 
@@ -185,7 +185,6 @@ class DreamBooth:
     @torch.no_grad()
     def _errors(self, model: nn.Module, grid: dict[str, torch.Tensor], device, precision: str):
         """The model's predictions on a grid (float32) and their targets."""
-        from .tasks import autocast
 
         with autocast(precision, device):
             prediction, target = denoising_model(model).predict(**{k: v.to(device) for k, v in grid.items()})

@@ -12,7 +12,7 @@ from torch import nn
 
 import geolora
 
-from .config import GEOLORA_FIELDS
+from .config import geolora_config
 
 log = logging.getLogger(__name__)
 
@@ -47,15 +47,6 @@ def _trainable_params(model: nn.Module) -> list[nn.Parameter]:
 
 def _adamw(model: nn.Module, trainer) -> torch.optim.Optimizer:
     return torch.optim.AdamW(_trainable_params(model), lr=trainer.lr, weight_decay=trainer.weight_decay)
-
-
-def geolora_config(model_cfg, method) -> geolora.GeoLoRAConfig:
-    """The library config of a run; its constructor checks the ranks, tau and dropout."""
-    return geolora.GeoLoRAConfig(
-        target_modules=list(model_cfg.target_modules),
-        modules_to_save=list(model_cfg.modules_to_save),
-        **{name: getattr(method, name) for name in GEOLORA_FIELDS},
-    )
 
 
 def use_geolora(model: nn.Module, model_cfg, method, trainer, total_steps: int) -> Adapted:

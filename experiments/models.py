@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -124,6 +125,13 @@ def image_statistics(model_cfg) -> tuple[list[float], list[float]]:
         stats = json.loads(path.read_text())
         return stats.get("image_mean", IMAGENET_MEAN), stats.get("image_std", IMAGENET_STD)
     return IMAGENET_MEAN, IMAGENET_STD
+
+
+def autocast(precision: str, device: torch.device):
+    """The autocast context of a run's precision (none for fp32)."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
 
 
 def pick_device(name: str) -> torch.device:

@@ -14,6 +14,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from geolora.model import rank_entries
+
 DONE = ("finished", "diverged")  # statuses of a run that need not run again
 
 
@@ -79,14 +81,21 @@ class RunRecords:
         import wandb
 
         resume = {"id": run_id, "resume": "allow"} if run_id else {}
+        config = config or {}
+        facts = [
+            f"{key}:{value}"
+            for key, value in (("task", config.get("task", {}).get("name")), ("seed", config.get("seed")))
+        ]
         return wandb.init(
             project=cfg.project,
             entity=cfg.entity,
             mode=cfg.mode,
             dir=str(self.dir),
             name=name,
+            group=cfg.group,
+            job_type=cfg.job_type or config.get("method", {}).get("name"),
             config=config,
-            tags=list(cfg.tags),
+            tags=[*cfg.tags, *(fact for fact in facts if not fact.endswith(":None"))],
             reinit="finish_previous",
             **resume,
         )
@@ -98,9 +107,13 @@ class RunRecords:
         if self.wandb is not None:
             self.wandb.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=step)
 
-    def log_ranks(self, step: int, ranks: dict[str, int]) -> None:
+    def log_ranks(self, step: int, ranks: dict[str, int], trainable: int, to_wandb: bool = True) -> None:
+        """Every layer's rank into ranks.csv and (``to_wandb``) W&B, as ``geolora/rank/<layer>`` beside the total
+        rank and the parameters in use (the key scheme of ``GeoLoRACallback``)."""
         self._ranks.writerows([step, name, rank] for name, rank in ranks.items())
         self._ranks_file.flush()
+        if self.wandb is not None and to_wandb:
+            self.wandb.log(rank_entries(ranks, trainable), step=step)
 
     def write_json(self, name: str, data: dict) -> Path:
         path = self.dir / name
@@ -109,11 +122,11 @@ class RunRecords:
         tmp.replace(path)
         return path
 
-    def log_image(self, key: str, path: Path) -> None:
+    def log_image(self, key: str, path: Path, step: int | None = None) -> None:
         if self.wandb is not None:
             import wandb
 
-            self.wandb.log({key: wandb.Image(str(path))})
+            self.wandb.log({key: wandb.Image(str(path))}, step=step)
 
     def close(self, summary: dict | None = None) -> None:
         self._metrics.close()
@@ -133,10 +146,10 @@ class NoRecords:
     def log(self, step: int, record: dict) -> None:
         pass
 
-    def log_ranks(self, step: int, ranks: dict) -> None:
+    def log_ranks(self, step: int, ranks: dict, trainable: int, to_wandb: bool = True) -> None:
         pass
 
-    def log_image(self, key: str, path: Path) -> None:
+    def log_image(self, key: str, path: Path, step: int | None = None) -> None:
         pass
 
     def write_json(self, name: str, data: dict) -> None:

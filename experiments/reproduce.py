@@ -20,10 +20,9 @@ import logging
 import shlex
 import subprocess
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
-from .aggregate import aggregate
+from .aggregate import KINDS, Study, aggregate
 from .records import clean_for_commit
 
 log = logging.getLogger(__name__)
@@ -31,24 +30,24 @@ ROOT = Path(__file__).resolve().parents[1]
 STUDIES = ROOT / "conf" / "study"
 
 
-@dataclass
-class Study:
-    name: str
-    kind: str  # a key of experiments.aggregate.KINDS
-    axes: dict[str, str]  # what a table or figure groups by -> the override key that sets it
-    sweeps: list[list[str]]  # one Hydra multirun each: overrides, "key=a,b" sweeps over a and b
-
-
-def _sweep_command(study: Study, sweep: list[str], study_dir: Path, hydra_args: list[str]) -> list[str]:
+def _sweep_command(
+    study: Study, sweep: list[str], study_dir: Path, hydra_args: list[str], logger: str = "wandb"
+) -> list[str]:
     """``run.py -m`` for one sweep; each run lands in ``study_dir/<axis overrides>`` (e.g.
-    ``method=lora,seed=0,task=movie_reviews``), so a rerun finds and skips the finished ones."""
-    keys = {override.split("=", 1)[0] for override in sweep} | {"progress", "skip_finished"}
+    ``method=lora,seed=0,task=movie_reviews``), so a rerun finds and skips the finished ones. With
+    ``logger="wandb"`` every run is a W&B run (offline unless WANDB_MODE says otherwise) in the group
+    ``<profile>/<study>``, its job type the method, tagged with its task and seed."""
+    logging_args = [f"logger={logger}"] + (
+        [f"logger.group={study_dir.parent.name}/{study.name}"] if logger == "wandb" else []
+    )
+    keys = {o.split("=", 1)[0] for o in [*sweep, *logging_args]} | {"progress", "skip_finished"}
     not_in_name = sorted(keys - set(study.axes.values()))
     return [
         sys.executable,
         str(ROOT / "run.py"),
         "-m",
         *sweep,
+        *logging_args,
         "progress=false",
         "skip_finished=true",
         f"hydra.sweep.dir={study_dir}",
@@ -63,8 +62,6 @@ def profile(name: str) -> list[Study]:
     its tables group by, its ``sweeps``), run in their ``order``. ``paper`` needs a GPU and the hub;
     ``offline`` runs here on 2 CPU cores; ``smoke`` runs every study on tiny budgets (the tests use it)."""
     import yaml
-
-    from .aggregate import KINDS
 
     folder = STUDIES / name
     if not folder.is_dir():
@@ -110,14 +107,19 @@ def _all_finished(study: Study, sweep: list[str], study_dir: Path) -> bool:
 
 
 def run_studies(
-    profile_name: str, studies: list[Study], runs_root: Path, hydra_args: list[str], dry_run: bool = False
+    profile_name: str,
+    studies: list[Study],
+    runs_root: Path,
+    hydra_args: list[str],
+    dry_run: bool = False,
+    logger: str = "wandb",
 ) -> list[str]:
     """Launch every sweep of every study (finished runs are skipped by run.py); returns the failed sweeps.
     A failed run does not stop the others: Hydra finishes the sweep, then reports the failure."""
     failed = []
     for study in studies:
         for sweep in study.sweeps:
-            command = _sweep_command(study, sweep, runs_root / profile_name / study.name, hydra_args)
+            command = _sweep_command(study, sweep, runs_root / profile_name / study.name, hydra_args, logger)
             if dry_run:
                 print(shlex.join(command))
                 continue
@@ -143,6 +145,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--aggregate-only", action="store_true", help="only rebuild tables and figures")
     parser.add_argument("--dry-run", action="store_true", help="print the run.py -m commands, run nothing")
     parser.add_argument(
+        "--logger", default="wandb", choices=("wandb", "none"), help="wandb: one W&B run per run folder (offline)"
+    )
+    parser.add_argument(
         "--hydra",
         nargs="*",
         default=[],
@@ -154,7 +159,11 @@ def main(argv: list[str] | None = None) -> None:
     out = Path(args.out)
     runs_root = Path(args.runs) if args.runs else out / "runs"
     studies = profile(args.profile)
-    failed = [] if args.aggregate_only else run_studies(args.profile, studies, runs_root, args.hydra, args.dry_run)
+    failed = (
+        []
+        if args.aggregate_only
+        else run_studies(args.profile, studies, runs_root, args.hydra, args.dry_run, args.logger)
+    )
     if args.dry_run:
         return
     if runs_root.resolve().is_relative_to(ROOT):  # committed results: no absolute paths of this machine

@@ -5,7 +5,6 @@ the metrics (the evaluator). The training loop knows only this interface (``trai
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -19,14 +18,7 @@ from . import data as data_lib
 from . import distributed
 from .errors import UserError
 from .metrics import compute_metrics
-from .models import image_statistics, load_model, load_tokenizer
-
-
-def autocast(precision: str, device: torch.device):
-    """The autocast context of a run's precision (none for fp32)."""
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+from .models import autocast, image_statistics, load_model, load_tokenizer
 
 
 @dataclass

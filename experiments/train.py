@@ -25,7 +25,7 @@ from .config import validate
 from .console import quiet_libraries
 from .errors import UserError
 from .methods import Adapted, adapt
-from .models import pick_device
+from .models import autocast, pick_device
 from .plots import rank_heatmap
 from .records import NoRecords, RunRecords, provenance
 
@@ -78,6 +78,7 @@ class Run:
     position: dict | None = None  # where a resumed run's data order stands (experiments.checkpoint)
     context: distributed.Context = field(default_factory=distributed.Context)  # this process in a launch
     train_model: Any = None  # the model the loop's forward/backward runs (DDP-wrapped in a multi-process launch)
+    provenance: dict = field(default_factory=dict)  # the code and versions this process loaded (read at setup)
 
 
 def setup(cfg, run_dir: str | Path) -> Run:
@@ -145,7 +146,7 @@ def setup(cfg, run_dir: str | Path) -> Run:
     run = Run(
         cfg, run_dir, device, family, adapted, scheduler, scaler, records, RunState(name, total_steps, steps_per_epoch)
     )
-    run.context, run.train_model = context, adapted.model
+    run.context, run.train_model, run.provenance = context, adapted.model, provenance(device)
     if found:
         run.position = checkpoint.load(run, found)
         log.info("resuming from %s at step %d of %d (resume=false starts over)", found, run.state.step, total_steps)
@@ -162,7 +163,7 @@ def _optimizer_step(run: Run, batch: dict) -> tuple[float, bool]:
     """One forward/backward and, when the loss and the gradients are finite, the update (otherwise nothing
     changes: a bad step). Returns (loss, applied); reading the loss and the finiteness is one host sync."""
     model, optimizer, trainer = run.adapted.model, run.adapted.optimizer, run.cfg.trainer
-    with tasks.autocast(trainer.precision.value, run.device):
+    with autocast(trainer.precision.value, run.device):
         loss = run.family.loss(run.train_model, batch)
     run.scaler.scale(loss).backward()
     checks = [loss.detach().float()]
@@ -210,12 +211,19 @@ def evaluate(run: Run) -> None:
         "wall_time_s": time.perf_counter() - state.start,
     }
     run.records.log(state.step, record)
+    if adapted.adapts_ranks and run.records.wandb_id:  # the heatmap so far: W&B's media slider shows the evolution
+        run.records.log_image("ranks", _rank_plot(run), state.step)
     state.history.append(record)
     for key, value in metrics.items():
         sign = -1 if key in run.cfg.task.minimize else 1  # compare sign * value: larger is better
         if not math.isnan(value) and sign * value > sign * state.best.get(key, -sign * math.inf):
             state.best[key] = value
     log.info("step %d: %s", state.step, {k: round(v, 4) for k, v in metrics.items()})
+
+
+def _rank_plot(run: Run) -> Path:
+    """ranks.png: every layer's rank over the steps so far (from ranks.csv)."""
+    return rank_heatmap(run.run_dir / "ranks.csv", run.run_dir / "ranks.png", f"{run.state.name}: rank per layer")
 
 
 def _count(run: Run, applied: bool, loss: float) -> None:
@@ -242,7 +250,7 @@ def fit(run: Run, position: dict | None = None) -> None:
     loader = run.family.train_loader
     if position is None:
         initial_ranks = adapted.ranks()
-        run.records.log_ranks(0, initial_ranks)
+        run.records.log_ranks(0, initial_ranks, adapted.trainable())  # a fixed-rank method's ranks: once, here
         run.records.log(0, {"trainable_params": adapted.trainable(), "total_rank": sum(initial_ranks.values())})
     eval_every = trainer.eval_every or state.steps_per_epoch
     every = state.steps_per_epoch if trainer.checkpoint_every is None else trainer.checkpoint_every
@@ -294,7 +302,7 @@ def fit(run: Run, position: dict | None = None) -> None:
                     run.records.log(step, record)
                     bar.set_postfix(loss=f"{loss:.4f}")
                 if step % trainer.log_every == 0 or step % eval_every == 0 or last:
-                    run.records.log_ranks(step, adapted.ranks())
+                    run.records.log_ranks(step, adapted.ranks(), adapted.trainable(), adapted.adapts_ranks)
                 if step % eval_every == 0 or last:
                     evaluate(run)
                 if every and (step % every == 0 or last) and run.context.is_main:
@@ -350,7 +358,7 @@ def summary(run: Run) -> dict:
         "peak_memory_mb": _peak_memory_mb(run.device),
         "device": str(run.device),
         "method_settings": adapted.settings,
-        "provenance": provenance(run.device),
+        "provenance": run.provenance,
     }
 
 
@@ -361,9 +369,8 @@ def finish(run: Run) -> dict:
     if not run.context.is_main:
         return result
     result.update(run.family.finish(run.adapted, run.run_dir, run.records))
-    if run.adapted.adapts_ranks:
-        png = rank_heatmap(run.run_dir / "ranks.csv", run.run_dir / "ranks.png", f"{run.state.name}: rank per layer")
-        run.records.log_image("ranks", png)
+    if run.adapted.adapts_ranks:  # (W&B has it from the final evaluation)
+        _rank_plot(run)
     if run.cfg.save_adapter:
         run.adapted.save(run.run_dir / "adapter")
     run.records.write_json("summary.json", result)

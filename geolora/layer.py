@@ -78,13 +78,12 @@ class BasisParameter(nn.Parameter):
 
 def _refuse_other_optimizers(optimizer: torch.optim.Optimizer, args, kwargs) -> None:
     """Global optimizer step pre-hook: U.grad and V.grad hold the K- and L-gradients, not dL/dU and dL/dV,
-    so any optimizer but GeoLoRAOptimizer would silently train something else. Checked once per optimizer."""
+    so any optimizer but GeoLoRAOptimizer (whose class says ``steps_geolora_factors``) would silently train something
+    else. Checked once per optimizer."""
     verdict = _checked.get(optimizer)
     if verdict is None:
-        from .optimizer import GeoLoRAOptimizer
-
         factors = any(isinstance(p, BasisParameter) for g in optimizer.param_groups for p in g["params"])
-        verdict = _checked[optimizer] = not factors or isinstance(optimizer, GeoLoRAOptimizer)
+        verdict = _checked[optimizer] = not factors or getattr(optimizer, "steps_geolora_factors", False)
     if not verdict:
         raise RuntimeError(
             f"{type(optimizer).__name__} holds GeoLoRA factors U / V, whose .grad are the integrator's "

@@ -83,6 +83,16 @@ def ranks(model: nn.Module) -> dict[str, int]:
     return {name: layer.rank for name, layer in adapters(model)}
 
 
+def rank_entries(layer_ranks: dict[str, int], trainable: int) -> dict[str, int]:
+    """The log entries of an adapted model's ranks (W&B, TensorBoard): ``geolora/total_rank``,
+    ``geolora/trainable_params`` and ``geolora/rank/<layer>``, one key scheme for every method."""
+    return {
+        "geolora/total_rank": sum(layer_ranks.values()),
+        "geolora/trainable_params": trainable,
+        **{f"geolora/rank/{name}": rank for name, rank in layer_ranks.items()},
+    }
+
+
 def count_trainable(model: nn.Module) -> int:
     """Parameters in use now: sum of r(m + n) + r^2 over adapters, plus every other trainable parameter."""
     in_adapters = 0

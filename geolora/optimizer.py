@@ -112,6 +112,8 @@ class GeoLoRAOptimizer(torch.optim.Optimizer):
     changed; their stacked copies, projections and new columns live in buffers kept between steps.
     """
 
+    steps_geolora_factors = True  # U.grad / V.grad are K-/L-gradients: this optimizer knows (layer.py refuses others)
+
     def __init__(
         self,
         model: nn.Module,

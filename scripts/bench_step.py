@@ -6,7 +6,7 @@ backward, optimizer step incl. rank adaptation), ms in the update after backward
 trainable parameters in use; then the ratios GeoLoRA/LoRA and GeoLoRA/AdaLoRA.
 
     python scripts/bench_step.py                      # CPU: DeBERTa-v3-base geometry, batch 8 x 128
-    python scripts/bench_step.py --device cuda --batch 32 --seq 256
+    python scripts/bench_step.py --device cuda --batch 32 --seq 256 [--precision fp16]
     python scripts/bench_step.py --geometry small     # hidden 256, 4 layers: adapter overhead dominates
 
 Weights are random (built from a config, no download): the timing depends on shapes only.
@@ -31,6 +31,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from experiments.config import MethodConfig, MethodName, ModelConfig, TrainerConfig  # noqa: E402
 from experiments.methods import adapt  # noqa: E402
+from experiments.models import autocast  # noqa: E402
 
 TARGETS = ["query_proj", "key_proj", "value_proj", "intermediate.dense", "output.dense"]
 GEOMETRIES = {
@@ -99,7 +100,8 @@ class Runner:
     Methods are built by the harness (``experiments.methods.adapt``), as a run builds them."""
 
     def __init__(self, method: str, args, device: torch.device) -> None:
-        self.method, self.device = method, device
+        self.method, self.device, self.precision = method, device, args.precision
+        self.scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")
         model = build_model(args.geometry, device)
         self.after = lambda step: None
         self.inputs_need_grad = False
@@ -122,6 +124,7 @@ class Runner:
             "labels": torch.randint(0, 2, (args.batch,), generator=g).to(device),
         }
         self.steps = 0
+        self.timed_ranks: list[float] = []  # mean rank over the layers at each timed step (what it ran at)
 
     def _sync(self) -> None:
         if self.device.type == "cuda":
@@ -129,18 +132,23 @@ class Runner:
 
     def step(self) -> tuple[float, float]:
         """(seconds for the whole iteration, seconds for the update after backward)."""
+        ranks = self.ranks()
+        if ranks:
+            self.timed_ranks.append(statistics.mean(ranks.values()))
         self._sync()
         start = time.perf_counter()
-        if self.inputs_need_grad:
-            embeds = self.model.get_input_embeddings()(self.batch["input_ids"]).detach().requires_grad_(True)
-            loss = self.model(inputs_embeds=embeds, labels=self.batch["labels"]).loss
-        else:
-            loss = self.model(**self.batch).loss
-        loss.backward()
+        with autocast(self.precision, self.device):
+            if self.inputs_need_grad:
+                embeds = self.model.get_input_embeddings()(self.batch["input_ids"]).detach().requires_grad_(True)
+                loss = self.model(inputs_embeds=embeds, labels=self.batch["labels"]).loss
+            else:
+                loss = self.model(**self.batch).loss
+        self.scaler.scale(loss).backward()
         self._sync()
         middle = time.perf_counter()
         if self.optimizer is not None:
-            self.optimizer.step()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
             self.after(self.steps)
             self.optimizer.zero_grad(set_to_none=True)
         self._sync()
@@ -196,6 +204,8 @@ def memory_in_subprocess(method: str, args) -> float:
         str(args.tau),
         "--device",
         args.device,
+        "--precision",
+        args.precision,
     ]
     out = subprocess.run(
         cmd, capture_output=True, text=True, check=True, env={**os.environ, "PYTHONWARNINGS": "ignore"}
@@ -211,6 +221,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--geometry", choices=sorted(GEOMETRIES), default="base")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument(
+        "--precision", choices=("fp32", "fp16", "bf16"), default="fp32", help="autocast (fp16: GradScaler)"
+    )
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--rank", type=int, default=8)
@@ -238,6 +251,8 @@ def main() -> None:
     for runner in runners.values():
         for _ in range(args.warmup):
             runner.step()
+    for runner in runners.values():
+        runner.timed_ranks.clear()
     totals = {m: [] for m in methods}
     updates = {m: [] for m in methods}
     for _ in range(args.reps):
@@ -248,12 +263,13 @@ def main() -> None:
                 updates[m].append(update)
     rows = {}
     for m, runner in runners.items():
-        ranks = runner.ranks()
+        ranks = runner.timed_ranks
         rows[m] = {
             "iteration_ms": ms(totals[m]),
             "update_ms": ms(updates[m]),
             "trainable_params": runner.trainable(),
-            "mean_rank": statistics.mean(ranks.values()) if ranks else None,
+            "mean_rank": statistics.mean(ranks) if ranks else None,
+            "mean_rank_range": [min(ranks), max(ranks)] if ranks else None,
         }
     del runners
     for m in methods:
@@ -265,7 +281,7 @@ def report(rows: dict, args) -> None:
     device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU ({os.cpu_count()} cores)"
     setting = (
         f"DeBERTa-v3 {args.geometry} geometry, batch {args.batch} x {args.seq}, {args.device}, "
-        f"init rank {args.rank}, {torch.get_num_threads()} threads, {device_name}"
+        f"{args.precision}, init rank {args.rank}, {torch.get_num_threads()} threads, {device_name}"
     )
     ratios = {}
     it = {m: r["iteration_ms"]["median"] for m, r in rows.items()}
@@ -279,18 +295,23 @@ def report(rows: dict, args) -> None:
             ratios[f"{geo}/lora peak memory"] = rows[geo]["peak_memory_mb"] / rows["lora"]["peak_memory_mb"]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    name = f"step_time_{args.geometry}_{args.device.split(':')[0]}"
+    name = f"step_time_{args.geometry}_{args.device.split(':')[0]}" + (
+        "" if args.precision == "fp32" else f"_{args.precision}"
+    )
     (out / f"{name}.json").write_text(json.dumps({"setting": setting, "methods": rows, "ratios": ratios}, indent=2))
     lines = [
         f"**{setting}**",
         "",
         "| method | iteration ms (median / min / max) | update ms (median) | peak memory MiB | trainable params "
-        "| mean rank |",
+        "| mean rank the timed steps ran at (mean, min-max) |",
         "|---|---|---|---|---|---|",
     ]
     for m, r in rows.items():
         i = r["iteration_ms"]
-        rank = f"{r['mean_rank']:.1f}" if r["mean_rank"] is not None else "—"
+        rank = "—"
+        if r["mean_rank"] is not None:
+            low, high = r["mean_rank_range"]
+            rank = f"{r['mean_rank']:.1f} ({low:.1f}-{high:.1f})"
         lines.append(
             f"| {m} | {i['median']:.1f} / {i['min']:.1f} / {i['max']:.1f} | {r['update_ms']['median']:.1f} | "
             f"{r['peak_memory_mb']:.0f} | {r['trainable_params']:,} | {rank} |"

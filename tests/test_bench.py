@@ -37,6 +37,9 @@ def test_bench_script_writes_table_and_ratios(tmp_path):
         assert row["iteration_ms"]["median"] > 0
         assert row["peak_memory_mb"] >= 0
         assert (row["trainable_params"] > 0) == (name != "frozen")
+        if name.startswith("geolora"):  # the ranks the timed steps ran at
+            low, high = row["mean_rank_range"]
+            assert 1 <= low <= row["mean_rank"] <= high <= 8
     assert {"geolora/lora iteration", "geolora/adalora update", "geolora_c10/lora iteration"} <= set(data["ratios"])
     assert "ratios" in result.stdout.splitlines()[-len(data["ratios"]) - 1]
     assert (tmp_path / "step_time_tiny_cpu.md").is_file()

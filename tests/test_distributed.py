@@ -30,8 +30,17 @@ def test_batches_split_into_contiguous_shares():
         distributed.check_batch_size(6, distributed.Context(0, 4))
 
 
-@pytest.mark.parametrize("method", ["geolora", "adalora"])
-def test_torchrun_two_processes_on_cpu(tmp_path, method):
+@pytest.mark.parametrize(
+    "method,extra,evaluations",
+    [
+        ("geolora", [], 4),
+        ("adalora", [], 4),
+        # cycles of 4 steps, evaluated mid-cycle (at the augmented rank) and after truncations
+        ("geolora", ["method.coefficient_steps=3", "trainer.eval_every=3"], 6),
+    ],
+    ids=["geolora", "adalora", "geolora-c3"],
+)
+def test_torchrun_two_processes_on_cpu(tmp_path, method, extra, evaluations):
     model, data = tiny_deberta_dir(tmp_path / "model"), tmp_path / "rte"
     write_text_task(
         data, ["sentence1", "sentence2"], 2, ["entailment", "not_entailment"], ["train", "validation"], rows=64
@@ -51,7 +60,7 @@ def test_torchrun_two_processes_on_cpu(tmp_path, method):
         f"method={method}",
         "trainer.epochs=2",
         "trainer.batch_size=8",
-        "trainer.eval_every=4",
+        *(extra if any(e.startswith("trainer.eval_every") for e in extra) else ["trainer.eval_every=4", *extra]),
         "logger=none",
         "progress=false",
         "trainer.threads=1",
@@ -67,7 +76,7 @@ def test_torchrun_two_processes_on_cpu(tmp_path, method):
     assert summary["status"] == "finished" and summary["world_size"] == 2 and summary["replicas_identical"]
     assert summary["steps"] == 16  # the global batch of 8 over 64 examples, 2 epochs
     records = [json.loads(line) for line in open(run_dir / "metrics.jsonl")]
-    assert sum("eval/accuracy" in r for r in records) == 4  # one writer: each evaluation once
+    assert sum("eval/accuracy" in r for r in records) == evaluations  # one writer: each evaluation once
     assert (run_dir / "checkpoint" / "state.json").is_file()
     assert out.stdout.count("finished: eval/accuracy") == 1  # one console: rank 0's
     assert not any(p.name != "run" for p in tmp_path.iterdir() if p.is_dir() and p.name not in ("model", "rte"))

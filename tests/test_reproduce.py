@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_dir
+from wandb_records import run_file, run_info
 
 from experiments import reproduce
 from experiments.config import register, validate
@@ -59,6 +60,8 @@ def test_smoke_profile_builds_every_table_and_figure_and_skips_finished_runs(tmp
         "smoke_robustness.tex",
         "smoke_dreambooth.md",
         "smoke_dreambooth.tex",
+        "smoke_coefficient_steps.md",
+        "smoke_coefficient_steps.tex",
     ):
         assert (tables / name).is_file(), name
     for name in ("smoke_initial_rank.png", "smoke_robustness.png", "smoke_dreambooth.png"):
@@ -75,6 +78,10 @@ def test_smoke_profile_builds_every_table_and_figure_and_skips_finished_runs(tmp
     assert "| adalora | 1000 | 36 | nan | 1 | 1 |" in robustness  # the full table counts the diverged seed
     initial_rank = (tables / "smoke_initial_rank.md").read_text().splitlines()
     assert sum(line.startswith(("| 2 |", "| 8 |")) for line in initial_rank) == 2
+    cycles = (tables / "smoke_coefficient_steps.md").read_text()
+    for c in (0, 3):
+        for h in ("tangent", "lr"):
+            assert f"| movie_reviews | {c} | {h} | zero |" in cycles
 
     # Same layout as the committed tables (UPDATE_GOLDEN=1 rewrites them after an intended change).
     for table in sorted(tables.glob("*.md")):
@@ -85,10 +92,14 @@ def test_smoke_profile_builds_every_table_and_figure_and_skips_finished_runs(tmp
     assert sorted(p.name for p in GOLDEN.glob("smoke_*.md")) == sorted(p.name for p in tables.glob("*.md"))
 
     run_dirs = sorted((tmp_path / "runs" / "smoke").glob("*/*/summary.json"))
-    assert len(run_dirs) == 6 + 2 + 8 + 3
+    assert len(run_dirs) == 6 + 2 + 8 + 3 + 4
     for summary in run_dirs:  # each run is named by its swept overrides and listed as a source
-        assert json.loads(summary.read_text())["method"] in summary.parent.name
+        assert json.loads(summary.read_text())["method"] in summary.parent.name or "coefficient" in str(summary)
         assert summary.parent.name in (tables / f"smoke_{summary.parent.parent.name}.md").read_text()
+        # one offline W&B run per run folder, grouped by profile/study, the method as job type
+        info = run_info(run_file(summary.parent))
+        assert info.run_group == f"smoke/{summary.parent.parent.name}"
+        assert info.job_type == json.loads(summary.read_text())["method"]
 
     written = [p for d in run_dirs for p in (d, d.parent / ".hydra" / "config.yaml", d.parent / "run.log")]
     stamps = {p: p.stat().st_mtime_ns for p in written}
@@ -103,11 +114,14 @@ def test_smoke_profile_builds_every_table_and_figure_and_skips_finished_runs(tmp
 def test_paper_profile_is_a_set_of_hydra_multiruns(capsys):
     reproduce.main(["--profile", "paper", "--dry-run", "--hydra", "hydra/launcher=basic"])
     commands = capsys.readouterr().out.splitlines()
-    assert len(commands) == 6  # GLUE, ViT, initial rank, robustness x {GeoLoRA, AdaLoRA}, DreamBooth
+    # GLUE, ViT, initial rank, robustness x {GeoLoRA, AdaLoRA}, DreamBooth, coefficient cycles x 2
+    assert len(commands) == 8
     assert all(" -m " in c and c.endswith("hydra/launcher=basic") for c in commands)
+    assert all("logger=wandb" in c and "logger.group=paper/" in c for c in commands)
     assert "task=glue/mnli,glue/sst2" in commands[0] and "seed=0,1,2,3,4" in commands[0]
-    assert "method=adalora" in commands[-2] and "method.rank_budget=100,200,300,400,500,600" in commands[-2]
-    assert "task=dreambooth" in commands[-1] and "trainer.lr=5e-6,1e-4" in commands[-1]
+    assert "method=adalora" in commands[4] and "method.rank_budget=100,200,300,400,500,600" in commands[4]
+    assert "task=dreambooth" in commands[5] and "trainer.lr=5e-6,1e-4" in commands[5]
+    assert "method.coefficient_steps=0,1,10" in commands[6] and "method.new_block_step=tangent,lr" in commands[6]
 
 
 def test_paper_column_shows_the_adalora_papers_baselines(tmp_path):

@@ -32,7 +32,7 @@ def rte_dir(tmp_path_factory):
     )
 
 
-def _command(model_dir, data_dir, run_dir, method):
+def _command(model_dir, data_dir, run_dir, method, checkpoint_every=8, extra=()):
     return [
         sys.executable,
         str(ROOT / "run.py"),
@@ -44,7 +44,7 @@ def _command(model_dir, data_dir, run_dir, method):
         "trainer.epochs=10",
         "trainer.batch_size=4",
         "trainer.eval_every=24",
-        "trainer.checkpoint_every=8",
+        f"trainer.checkpoint_every={checkpoint_every}",
         "trainer.log_every=4",
         "logger=none",
         "progress=false",
@@ -52,6 +52,7 @@ def _command(model_dir, data_dir, run_dir, method):
         "method.tfinal=40",
         "method.delta_t=4",
         f"hydra.run.dir={run_dir}",
+        *extra,
     ]
 
 
@@ -62,16 +63,26 @@ def _last_loss(run_dir: Path) -> float:
     return [r["train/loss"] for r in records if "train/loss" in r][-1]
 
 
-@pytest.mark.parametrize("method", ["geolora", "adalora"])
-def test_kill_and_rerun_ends_like_the_uninterrupted_run(deberta_dir, rte_dir, tmp_path, method):
+@pytest.mark.parametrize(
+    "method,checkpoint_every,extra",
+    [
+        ("geolora", 8, ()),
+        ("adalora", 8, ()),
+        # cycles of 4 steps, checkpoints every 6: the run is killed after step 18, mid-cycle at the augmented rank
+        ("geolora", 6, ("method.coefficient_steps=3",)),
+    ],
+    ids=["geolora", "adalora", "geolora-c3"],
+)
+def test_kill_and_rerun_ends_like_the_uninterrupted_run(
+    deberta_dir, rte_dir, tmp_path, method, checkpoint_every, extra
+):
     env = {**os.environ, "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1"}
+    command = lambda run_dir: _command(deberta_dir, rte_dir, run_dir, method, checkpoint_every, extra)  # noqa: E731
     straight = tmp_path / "straight"
-    subprocess.run(_command(deberta_dir, rte_dir, straight, method), check=True, env=env, capture_output=True)
+    subprocess.run(command(straight), check=True, env=env, capture_output=True)
 
     killed = tmp_path / "killed"
-    process = subprocess.Popen(
-        _command(deberta_dir, rte_dir, killed, method), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
+    process = subprocess.Popen(command(killed), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     state = killed / "checkpoint" / "state.json"
     while process.poll() is None:  # kill -9 once the second checkpoint is on disk
         if state.is_file() and json.loads(state.read_text())["step"] >= 16:
@@ -81,9 +92,10 @@ def test_kill_and_rerun_ends_like_the_uninterrupted_run(deberta_dir, rte_dir, tm
     process.wait()
     assert process.returncode == -signal.SIGKILL, "the run ended before it could be killed"
     assert not (killed / "summary.json").is_file()
-    rerun = subprocess.run(
-        _command(deberta_dir, rte_dir, killed, method), check=True, env=env, capture_output=True, text=True
-    )
+    if extra and json.loads(state.read_text())["step"] % 4:  # the checkpoint it resumes from is mid-cycle
+        saved = torch.load(killed / "checkpoint" / "state.pt", weights_only=False)
+        assert saved["optimizer"]["param_groups"][0]["pending"]
+    rerun = subprocess.run(command(killed), check=True, env=env, capture_output=True, text=True)
     assert "resuming from" in rerun.stdout + rerun.stderr
 
     a, b = (json.loads((d / "summary.json").read_text()) for d in (straight, killed))

@@ -16,7 +16,7 @@ import inspect
 
 from transformers import TrainerCallback
 
-from ..model import count_trainable, ranks
+from ..model import count_trainable, rank_entries, ranks
 
 
 class GeoLoRACallback(TrainerCallback):
@@ -37,12 +37,7 @@ class GeoLoRACallback(TrainerCallback):
     def on_log(self, args, state, control, logs=None, model=None, **kwargs):
         if logs is None or model is None:
             return
-        layer_ranks = ranks(model)
-        entries = {
-            "geolora/total_rank": sum(layer_ranks.values()),
-            "geolora/trainable_params": count_trainable(model),
-            **{f"geolora/rank/{name}": rank for name, rank in layer_ranks.items()},
-        }
+        entries = rank_entries(ranks(model), count_trainable(model))
         logs.update(entries)
         if state.log_history:  # Trainer appended its copy of ``logs`` just before calling the callbacks
             state.log_history[-1].update(entries)
