@@ -21,6 +21,7 @@ class Modality(str, Enum):
     text = "text"
     image = "image"
     text_to_image = "text_to_image"
+    causal_lm = "causal_lm"  # next-token prediction on text
 
 
 class MethodName(str, Enum):
@@ -44,6 +45,8 @@ class ModelConfig:
     architecture: dict[str, Any] = field(default_factory=dict)  # transformers config kwargs
     model_type: str = "vit"  # transformers model type used when pretrained is False; timm: the architecture
     library: str = "transformers"  # transformers | timm (image classifiers through timm.create_model)
+    tokenizer: Optional[str] = None  # hub name or folder of the tokenizer; default: name_or_path
+    dtype: Optional[str] = None  # causal LMs: load in bfloat16 | float16 | float32 (default: the checkpoint's)
     target_modules: list[str] = field(default_factory=list)
     modules_to_save: list[str] = field(default_factory=lambda: ["classifier"])
 
@@ -70,9 +73,18 @@ class TaskConfig:
     crop_padding: int = 4
     rotation: float = 0.0
     flip: bool = True
+    dev_fraction: float = 0.0  # > 0: a split "dev" carved from the training split (fixed seed), the rest trains
     max_train_samples: Optional[int] = None
     max_eval_samples: Optional[int] = None
     minimize: list[str] = field(default_factory=list)  # metrics where lower is better (the best value is the least)
+    # Causal LM family (experiments/causal_lm.py): the loss is on text_keys[0]; a prompt_template (str.format over
+    # the row's prompt_keys columns) is prepended and masked out of the loss; greedy generations at the end
+    # continue the prompts of the first evaluation split's first rows (or their first words, with no template).
+    prompt_template: str = ""
+    prompt_keys: list[str] = field(default_factory=list)
+    generations: int = 4
+    generation_tokens: int = 24
+    generation_prompt_words: int = 4
     # DreamBooth family (experiments/dreambooth.py): the subject's images come from data_dir, the built-in
     # sklearn_flower or a hub dataset of images (dataset); the last heldout_images of them are held out.
     instance_prompt: str = "a photo of sks dog"
@@ -210,7 +222,7 @@ def geolora_config(model_cfg, method) -> GeoLoRAConfig:
 
 
 SCHEDULES = ("linear", "constant")
-METRICS = ("accuracy", "accuracy_f1", "matthews", "pearson_spearman", "denoising")
+METRICS = ("accuracy", "accuracy_f1", "matthews", "pearson_spearman", "denoising", "perplexity")
 
 
 def _check(ok: bool, message: str) -> None:
@@ -223,6 +235,11 @@ def validate(cfg: Any) -> None:
     m, t, tr = cfg.method, cfg.task, cfg.trainer
     _check(t.metric in METRICS, f"task.metric={t.metric!r} is not one of {METRICS}")
     _check(t.num_labels >= 1, f"task.num_labels must be >= 1 (1 = regression), got {t.num_labels}")
+    _check(0.0 <= t.dev_fraction < 1.0, f"task.dev_fraction must lie in [0, 1), got {t.dev_fraction}")
+    _check(
+        cfg.model.dtype in (None, "bfloat16", "float16", "float32"),
+        f"model.dtype must be bfloat16, float16, float32 or null, got {cfg.model.dtype!r}",
+    )
     _check(
         t.modality == cfg.model.modality,
         f"model {cfg.model.name!r} is a {cfg.model.modality.value} model but task {t.name!r} is "

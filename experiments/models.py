@@ -112,10 +112,25 @@ def load_model(model_cfg, task_cfg) -> nn.Module:
     return _from_pretrained(auto, model_cfg.name_or_path, config=config, ignore_mismatched_sizes=True)
 
 
+def load_causal_lm(model_cfg, vocab_size: int) -> nn.Module:
+    """An ``AutoModelForCausalLM``: pretrained (hub name or folder) in ``model.dtype``, or built from
+    ``model.architecture`` with random weights and the tokenizer's vocabulary."""
+    from transformers import CONFIG_MAPPING, AutoModelForCausalLM
+
+    dtype = getattr(torch, model_cfg.dtype) if model_cfg.dtype else None
+    if not model_cfg.pretrained:
+        config = CONFIG_MAPPING[model_cfg.model_type](**{"vocab_size": vocab_size, **model_cfg.architecture})
+        log.warning("model %s is built from a config with RANDOM weights (not pretrained)", model_cfg.name)
+        model = AutoModelForCausalLM.from_config(config)
+        return model.to(dtype) if dtype else model
+    return _from_pretrained(AutoModelForCausalLM, model_cfg.name_or_path, **({"dtype": dtype} if dtype else {}))
+
+
 def load_tokenizer(model_cfg):
+    """The model's tokenizer, or the one ``model.tokenizer`` names (a model built from a config has none)."""
     from transformers import AutoTokenizer
 
-    return _from_pretrained(AutoTokenizer, model_cfg.name_or_path)
+    return _from_pretrained(AutoTokenizer, model_cfg.tokenizer or model_cfg.name_or_path)
 
 
 def image_statistics(model_cfg) -> tuple[list[float], list[float]]:

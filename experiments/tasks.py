@@ -104,9 +104,16 @@ def dreambooth(cfg) -> tuple[nn.Module, Any]:
     return build_dreambooth(cfg)
 
 
+def causal_lm(cfg) -> tuple[nn.Module, Any]:
+    from .causal_lm import causal_lm as build_causal_lm
+
+    return build_causal_lm(cfg)
+
+
 FAMILIES: dict[str, Callable[[Any], tuple[nn.Module, Any]]] = {
     "classification": classification,
     "dreambooth": dreambooth,
+    "causal_lm": causal_lm,
 }
 
 

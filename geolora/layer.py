@@ -13,6 +13,7 @@ them like any other gradient. ``S.grad`` is the ordinary ``dL/dS = U^T grad_W V`
 
 from __future__ import annotations
 
+import contextlib
 import weakref
 
 import torch
@@ -96,6 +97,9 @@ _checked: "weakref.WeakKeyDictionary[torch.optim.Optimizer, bool]" = weakref.Wea
 register_optimizer_step_pre_hook(_refuse_other_optimizers)
 
 
+HALF = (torch.float16, torch.bfloat16)
+
+
 class GeoLoRALinear(nn.Module):
     """A frozen ``nn.Linear`` plus a rank-adaptive adapter ``alpha * U S V^T``.
 
@@ -116,8 +120,9 @@ class GeoLoRALinear(nn.Module):
         self.merged = False
         self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
         device = base.weight.device
-        # Factors stay in fp32 (fp64 for an fp64 base) whatever the base precision: the bases must
-        # stay orthonormal over many steps. Autocast still runs the matmuls in low precision.
+        # Factors stay in fp32 (fp64 for an fp64 base) whatever the base precision, also when the model is cast
+        # to fp16 / bf16 later (``_apply``): the bases must stay orthonormal over many steps and the small S
+        # updates must not round away. The adapter computes in the input's precision (autocast).
         dtype = torch.float64 if base.weight.dtype == torch.float64 else torch.float32
         u = torch.zeros(out_features, self.max_rank, device=device, dtype=dtype)
         v = torch.zeros(in_features, self.max_rank, device=device, dtype=dtype)
@@ -145,9 +150,25 @@ class GeoLoRALinear(nn.Module):
         if self.merged or self.rank == 0:
             return out
         x = self.dropout(x)
-        if not torch.is_autocast_enabled(x.device.type):
+        context = contextlib.nullcontext()
+        if x.dtype in HALF and not torch.is_autocast_enabled(x.device.type):  # a half-precision model
+            context = torch.autocast(x.device.type, dtype=x.dtype)
+        elif not torch.is_autocast_enabled(x.device.type):
             x = x.to(self.U.dtype)
-        return out + _LowRankProduct.apply(x, self.U, self.S, self.V, self.rank, self.alpha).to(out.dtype)
+        with context:
+            delta = _LowRankProduct.apply(x, self.U, self.S, self.V, self.rank, self.alpha)
+        return out + delta.to(out.dtype)
+
+    def _apply(self, fn, recurse=True):
+        """``.to()`` / ``.half()`` / ``.cuda()`` as for any module, except that a cast to fp16 or bf16 leaves the
+        factors (and their gradients) in float32, as peft's ``autocast_adapter_dtype`` keeps adapters."""
+        super()._apply(fn, recurse)
+        for factor in (self.U, self.S, self.V):
+            if factor.dtype in HALF:
+                factor.data = factor.data.float()
+                if factor.grad is not None:
+                    factor.grad = factor.grad.float()
+        return self
 
     def delta_weight(self) -> torch.Tensor:
         """The adapter as a dense (out x in) weight: ``alpha * U S V^T``."""

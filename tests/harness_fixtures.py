@@ -34,6 +34,20 @@ def tiny_bert_dir(path: Path) -> Path:
     return path
 
 
+def tiny_llama_dir(path: Path) -> Path:
+    """A 2-layer Llama causal LM with its tokenizer, saved like a hub checkpoint."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    tokenizer = tiny_tokenizer()
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), num_key_value_heads=1, max_position_embeddings=128, tie_word_embeddings=True, **TINY
+    )
+    LlamaForCausalLM(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
 def tiny_vit_dir(path: Path) -> Path:
     from transformers import ViTConfig, ViTModel
 

@@ -30,6 +30,7 @@ def _folders(tmp: Path) -> dict[str, Path]:
 
 CASES = [  # (overrides, what the one line must name)
     (["experiment=doesnotexist"], "experiment/doesnotexist"),
+    (["experiment=causal_lm_instruct"], "model.name_or_path"),  # a hub model offline
     (["model.name_or_path={empty}"], "model.name_or_path"),
     (["model.name_or_path={broken}"], "not a loadable model folder"),
     (["trainer.max_steps=0"], "trainer.max_steps"),

