@@ -34,6 +34,26 @@ def tiny_tokenizer():
     )
 
 
+LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def tiny_llama(vocab_size: int, hidden_size: int = 32, seed: int = 0) -> torch.nn.Module:
+    """A 2-layer Llama causal LM (4 heads, 2 key/value heads) with random weights, seeded."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+    )
+    return LlamaForCausalLM(config)
+
+
 def deberta_dir(path: Path, **geometry) -> Path:
     """A DeBERTa-v2 of the given geometry (random weights, seed 0) with the word-level tokenizer, saved like a hub
     checkpoint."""

@@ -23,8 +23,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import geolora  # noqa: E402
-
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+from experiments.synthetic import LLAMA_TARGETS, tiny_llama  # noqa: E402
 
 
 def bigram_batches(steps: int, batch: int, length: int, vocab: int, seed: int = 0) -> list[torch.Tensor]:
@@ -51,20 +50,8 @@ def orthogonality_error(model) -> float:
 
 
 def train(dtype: torch.dtype, written_back: bool, batches: list[torch.Tensor], lr: float) -> dict:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=256,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-    )
-    model = LlamaForCausalLM(config)
-    geolora.inject(model, geolora.GeoLoRAConfig(target_modules=TARGETS, init_rank=4, max_rank=16, tau=0.1))
+    model = tiny_llama(vocab_size=256, hidden_size=64)
+    geolora.inject(model, geolora.GeoLoRAConfig(target_modules=LLAMA_TARGETS, init_rank=4, max_rank=16, tau=0.1))
     model.to(dtype)
     optimizer = geolora.GeoLoRAOptimizer(model, lr=lr)
     scaler = torch.amp.GradScaler("cpu", enabled=dtype == torch.float16)
@@ -75,7 +62,7 @@ def train(dtype: torch.dtype, written_back: bool, batches: list[torch.Tensor], l
         scaler.step(optimizer)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
         if written_back and dtype != torch.float32:
             with torch.no_grad():
                 for _, layer in geolora.adapters(model):

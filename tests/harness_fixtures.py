@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from experiments.synthetic import deberta_dir, tiny_tokenizer, write_text_task  # noqa: F401 (the tests' imports)
+from experiments.synthetic import deberta_dir, tiny_llama, tiny_tokenizer, write_text_task  # noqa: F401 (tests' imports)
 
 TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=48)  # every tiny model
 TINY_DEBERTA = dict(
@@ -36,14 +36,8 @@ def tiny_bert_dir(path: Path) -> Path:
 
 def tiny_llama_dir(path: Path) -> Path:
     """A 2-layer Llama causal LM with its tokenizer, saved like a hub checkpoint."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
     tokenizer = tiny_tokenizer()
-    config = LlamaConfig(
-        vocab_size=len(tokenizer), num_key_value_heads=1, max_position_embeddings=128, tie_word_embeddings=True, **TINY
-    )
-    LlamaForCausalLM(config).save_pretrained(path)
+    tiny_llama(vocab_size=len(tokenizer)).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
 

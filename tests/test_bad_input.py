@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # one run.py subprocess per case: `make test-all`
+
 ROOT = Path(__file__).resolve().parents[1]
 
 

@@ -16,6 +16,8 @@ from harness_fixtures import tiny_deberta_dir, write_text_task
 from experiments import distributed
 from experiments.errors import UserError
 
+pytestmark = pytest.mark.slow  # 2-process torchrun launches: `make test-all`
+
 ROOT = Path(__file__).resolve().parents[1]
 
 

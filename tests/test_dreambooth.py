@@ -18,6 +18,8 @@ from experiments.dreambooth_images import flower_views, to_pixels
 from experiments.errors import UserError
 from experiments.train import train
 
+pytestmark = pytest.mark.slow  # diffusion pipelines (the offline preset runs in make test): `make test-all`
+
 TINY = [
     "task.num_class_images=2",
     "task.eval_class_images=1",

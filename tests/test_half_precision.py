@@ -8,24 +8,12 @@ import pytest
 import torch
 
 import geolora
+from experiments.synthetic import LLAMA_TARGETS as TARGETS
+from experiments.synthetic import tiny_llama
 
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
-
-def _llama(seed: int = 0):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-    )
-    return LlamaForCausalLM(config)
+def _llama():
+    return tiny_llama(vocab_size=64)
 
 
 def _adapted(dtype, cast_after: bool):
@@ -54,8 +42,13 @@ def _train(model, dtype, steps=40):
     return losses, ranks, tokens
 
 
-@pytest.mark.parametrize("cast_after", [True, False], ids=["cast after injection", "injected into a half model"])
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+SLOW = pytest.mark.slow  # fp16 matmuls are slow on CPU: make test runs bf16 cast after injection
+
+
+@pytest.mark.parametrize(
+    "cast_after", [True, pytest.param(False, marks=SLOW)], ids=["cast after injection", "injected into a half model"]
+)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, pytest.param(torch.float16, marks=SLOW)], ids=["bf16", "fp16"])
 def test_a_half_precision_llama_trains_merges_and_reloads_in_its_dtype(dtype, cast_after, tmp_path):
     model = _adapted(dtype, cast_after)
     layer = model.model.layers[0].self_attn.q_proj
@@ -83,6 +76,7 @@ def test_a_half_precision_llama_trains_merges_and_reloads_in_its_dtype(dtype, ca
     assert (merged - before).abs().max() < 0.1 * before.abs().max()  # one rounding of W + dW to the half dtype
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 def test_peft_export_and_import_keep_the_half_base(dtype, tmp_path):
     from peft import PeftModel

@@ -21,6 +21,10 @@ from experiments.errors import UserError
 from experiments.methods import adalora_target_rank
 from experiments.train import train
 
+pytestmark = (
+    pytest.mark.slow
+)  # harness runs and Hydra subprocesses (one run per family in make test: test_presets): `make test-all`
+
 ROOT = Path(__file__).resolve().parents[1]
 RTE_LABELS = ["entailment", "not_entailment"]
 register()

@@ -11,6 +11,8 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 import geolora
 from geolora.integrations.transformers import GeoLoRACallback
 
+pytestmark = pytest.mark.slow  # transformers.Trainer runs: `make test-all`
+
 
 class Examples(torch.utils.data.Dataset):
     def __init__(self, n: int = 48, seed: int = 0) -> None:

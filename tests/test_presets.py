@@ -73,8 +73,15 @@ def test_there_are_presets():
     assert {"deberta_glue", "vit_cifar10", "offline_sentiment", "offline_vision"} <= set(PRESETS)
 
 
-@pytest.mark.parametrize("method", ["geolora", "lora", "adalora"])
-@pytest.mark.parametrize("preset", PRESETS)
+QUICK = {("offline_sentiment", "geolora"), ("dreambooth_offline", "geolora"), ("causal_lm_offline", "geolora")}
+CASES = [
+    pytest.param(preset, method, marks=() if (preset, method) in QUICK else pytest.mark.slow, id=f"{preset}-{method}")
+    for preset in PRESETS
+    for method in ("geolora", "lora", "adalora")
+]  # make test runs one preset per task family (classification, DreamBooth, causal LM); make test-all all of them
+
+
+@pytest.mark.parametrize("preset,method", CASES)
 def test_preset_runs(preset, method, tmp_path):
     base = [f"experiment={preset}", f"method={method}"]
     cfg = _compose(base + _smoke_overrides(_compose(base), tmp_path))

@@ -13,6 +13,8 @@ from wandb_records import run_file, run_info
 from experiments import reproduce
 from experiments.config import register, validate
 
+pytestmark = pytest.mark.slow  # whole profiles of runs: `make test-all`
+
 GOLDEN = Path(__file__).parent / "golden"
 MEASURED = (
     "ours",

@@ -22,6 +22,8 @@ from experiments import tasks
 from experiments.errors import UserError
 from experiments.train import train
 
+pytestmark = pytest.mark.slow  # kill -9 and rerun of real runs: `make test-all`
+
 ROOT = Path(__file__).resolve().parents[1]
 
 

@@ -74,6 +74,7 @@ def test_first_step_from_zero_coefficients_follows_true_gradients():
     assert ((torch.eye(32, dtype=torch.float64) - u0 @ u0.T) @ after).norm() > 1e-3  # left the old span
 
 
+@pytest.mark.slow  # hundreds of steps: make test-all
 def test_bases_stay_orthonormal_over_hundreds_of_steps():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(24, 40), nn.Tanh(), nn.Linear(40, 8))
@@ -132,6 +133,7 @@ def test_loss_decreases_every_step_for_small_lr():
         opt.zero_grad()
 
 
+@pytest.mark.slow  # hundreds of steps per case: make test-all
 @pytest.mark.parametrize("base_optimizer,lr,steps", [("sgd", 0.3, 300), ("adamw", 0.02, 400)])
 @pytest.mark.parametrize("init_rank", [2, 8, 16])
 def test_rank_found_does_not_depend_on_initial_rank(base_optimizer, lr, steps, init_rank):

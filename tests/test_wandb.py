@@ -9,6 +9,8 @@ from wandb_records import history, run_file, run_info
 
 from experiments.train import train
 
+pytestmark = pytest.mark.slow  # W&B runs read back: `make test-all`
+
 
 @pytest.mark.parametrize("method", ["geolora", "adalora", "lora"])
 def test_an_offline_run_holds_a_rank_series_for_every_layer(tmp_path, monkeypatch, method):
