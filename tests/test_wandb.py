@@ -48,3 +48,11 @@ def test_an_offline_run_holds_a_rank_series_for_every_layer(tmp_path, monkeypatc
     assert heatmaps == ([] if method == "lora" else [10, 20])  # one per evaluation: the media slider
     info = run_info(run_file(tmp_path))
     assert info.job_type == method and {"task:movie_reviews", "seed:0"} <= set(info.tags)
+
+
+def test_the_environment_chooses_the_w_and_b_mode_unless_the_command_line_does(monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    assert compose_run().logger.mode == "disabled"
+    assert compose_run("logger.mode=online").logger.mode == "online"
+    monkeypatch.delenv("WANDB_MODE")
+    assert compose_run().logger.mode == "offline"
