@@ -210,7 +210,7 @@ class GeoLoRAOptimizer(torch.optim.Optimizer):
         step, the adapter that is evaluated, saved and exported is a truncated one. Elsewhere (c = 0, or at a
         cycle's end) there is nothing to truncate and nothing changes. The schedule of cycles goes on as before."""
         group = self.param_groups[0]
-        if not group["pending"]:
+        if not group.get("pending", False):  # (a state_dict from before cycles has no flag)
             return
         indices = [i for i, layer in enumerate(self.layers) if not layer.merged]
         plans = make_plans(
