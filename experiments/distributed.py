@@ -130,5 +130,8 @@ def replicas_identical(model: torch.nn.Module, ranks: dict[str, int], context: C
 
 
 def close() -> None:
+    """Tear the process group down once every process got here: a process that exits while rank 0 is still
+    writing its files must not close connections the group's threads still hold."""
     if dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
