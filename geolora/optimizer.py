@@ -350,10 +350,10 @@ class GeoLoRAOptimizer(torch.optim.Optimizer):
         )
         beta2 = group["betas"][1]
         running = torch.where(previous > 0, beta2 * previous + (1 - beta2) * mean_square, mean_square)
-        # The larger of the running and the current mean square: a gradient surge cannot enlarge the step.
-        step = group["lr"] / (torch.maximum(running, mean_square).sqrt() + group["eps"])
         if self.new_block_step == "lr":
             return group["lr"], (previous, running)
+        # The larger of the running and the current mean square: a gradient surge cannot enlarge the step.
+        step = group["lr"] / (torch.maximum(running, mean_square).sqrt() + group["eps"])
         return step.view(-1, 1, 1), (previous, running)
 
     def _augmented_svd(self, batch: _Batch, group: dict, decompose: bool = True) -> _Decomposed:
