@@ -54,6 +54,16 @@ def tiny_llama(vocab_size: int, hidden_size: int = 32, seed: int = 0) -> torch.n
     return LlamaForCausalLM(config)
 
 
+def language_model_step(model, optimizer, scaler, tokens: torch.Tensor) -> float:
+    """One next-token step on ``tokens`` through a GradScaler (fp16: scaled, else a plain step); the loss."""
+    loss = model(input_ids=tokens, labels=tokens).loss
+    scaler.scale(loss).backward()
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    return float(loss.detach())
+
+
 def deberta_dir(path: Path, **geometry) -> Path:
     """A DeBERTa-v2 of the given geometry (random weights, seed 0) with the word-level tokenizer, saved like a hub
     checkpoint."""

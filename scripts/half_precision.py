@@ -23,7 +23,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import geolora  # noqa: E402
-from experiments.synthetic import LLAMA_TARGETS, tiny_llama  # noqa: E402
+from experiments.synthetic import LLAMA_TARGETS, language_model_step, tiny_llama  # noqa: E402
 
 
 def bigram_batches(steps: int, batch: int, length: int, vocab: int, seed: int = 0) -> list[torch.Tensor]:
@@ -57,12 +57,7 @@ def train(dtype: torch.dtype, written_back: bool, batches: list[torch.Tensor], l
     scaler = torch.amp.GradScaler("cpu", enabled=dtype == torch.float16)
     losses = []
     for tokens in batches:
-        loss = model(input_ids=tokens, labels=tokens).loss
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(float(loss.detach()))
+        losses.append(language_model_step(model, optimizer, scaler, tokens))
         if written_back and dtype != torch.float32:
             with torch.no_grad():
                 for _, layer in geolora.adapters(model):

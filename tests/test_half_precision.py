@@ -9,7 +9,7 @@ import torch
 
 import geolora
 from experiments.synthetic import LLAMA_TARGETS as TARGETS
-from experiments.synthetic import tiny_llama
+from experiments.synthetic import language_model_step, tiny_llama
 
 
 def _llama():
@@ -32,12 +32,7 @@ def _train(model, dtype, steps=40):
     tokens = torch.randint(0, 64, (8, 24), generator=torch.Generator().manual_seed(1))
     losses, ranks = [], []
     for _ in range(steps):
-        loss = model(input_ids=tokens, labels=tokens).loss
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(float(loss.detach()))
+        losses.append(language_model_step(model, optimizer, scaler, tokens))
         ranks.append(sum(geolora.ranks(model).values()))
     return losses, ranks, tokens
 
